@@ -1,0 +1,35 @@
+"""Exceptions: one class per failure mode, all subclasses of :class:`SheapDaskError`.
+
+Input-validation errors also subclass ``ValueError`` (or ``KeyError``/``TypeError``) so code
+that catches the builtin keeps working. Messages name the argument, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+
+class SheapDaskError(Exception):
+    """Base class of every error raised by sheap_dask."""
+
+
+class ParameterSpecError(SheapDaskError, ValueError):
+    """A parameter specification is invalid (bounds, ties, duplicates)."""
+
+
+class InputDataError(SheapDaskError, ValueError):
+    """The input Dataset/arrays do not follow the data conventions."""
+
+
+class ModelError(SheapDaskError, ValueError):
+    """A model is malformed or evaluated with incompatible arguments."""
+
+
+class OptionError(SheapDaskError, ValueError):
+    """An option has an invalid value."""
+
+
+class ResumeMismatchError(SheapDaskError, ValueError):
+    """An output store was written by a fit with a different model or options."""
+
+
+class MissingDependencyError(SheapDaskError, ImportError):
+    """An optional dependency is needed for this feature and is not installed."""
