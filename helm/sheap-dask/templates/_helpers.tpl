@@ -125,7 +125,8 @@ auto
 {{/*
 sheapConfig flattened to dask.config environment variables (YAML "NAME: value" lines):
 {fit: {num_steps: 3000}} -> DASK_SHEAP_DASK__FIT__NUM_STEPS: "3000". Hyphens become underscores
-(dask.config treats them alike); lists are written as JSON, which dask reads with ast.literal_eval.
+(dask.config treats them alike). dask reads values with ast.literal_eval, so strings are written as
+Python literals ('none' stays the string "none" instead of becoming None) and lists as JSON.
 Call with (dict "prefix" "DASK_SHEAP_DASK" "value" <map>).
 */}}
 {{- define "sheap-dask.flattenConfig" -}}
@@ -138,6 +139,8 @@ Call with (dict "prefix" "DASK_SHEAP_DASK" "value" <map>).
 {{ $name }}: {{ toJson $v | quote }}
 {{- else if kindIs "invalid" $v }}
 {{ $name }}: "None"
+{{- else if kindIs "string" $v }}
+{{ $name }}: {{ printf "'%s'" ($v | replace "\\" "\\\\" | replace "'" "\\'") | quote }}
 {{- else }}
 {{ $name }}: {{ toString $v | quote }}
 {{- end }}
