@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -677,14 +678,27 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
             # the batch Job as rendered: `sheap-dask fit IN OUT --scheduler <service>`, twice (resume)
             ds.to_zarr(tmp_path / "in.zarr", mode="w")
             (job,) = find(objs, "Job")
+            written = {}
             for attempt in range(2):
                 cmd, env = pod(job, f"rel-sheap-dask-fit-1-{attempt}")
                 run = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True,
                                      text=True, timeout=300)
                 assert run.returncode == 0, run.stdout + run.stderr
+                params_dir = tmp_path / "out.zarr" / "params"
+                written[attempt] = {p: p.stat().st_mtime_ns for p in params_dir.rglob("*")
+                                    if p.is_file() and p.name != "zarr.json"}
             out = xr.open_zarr(tmp_path / "out.zarr")
             assert out.sizes["spectrum"] == 16
             assert all(int(s) in good for s in out.status.values)
+            # the re-run resumed: no chunk of the fitted parameters was written again
+            assert written[0] and written[1] == written[0]
+
+            # the example client script, against the same cluster
+            example = ROOT / "examples" / "kubernetes" / "fit_on_kubernetes.py"
+            run = subprocess.run([sys.executable, str(example), "--scheduler", f"tcp://127.0.0.1:{port}",
+                                  "--n", "16", "--chunk", "8"], capture_output=True, text=True, timeout=300)
+            assert run.returncode == 0, run.stdout + run.stderr
+            assert "fitted 16 spectra" in run.stdout
     except BaseException:
         for name, _ in procs.procs:
             print(f"----- {name} log -----\n{procs.log(name)}")
