@@ -102,7 +102,7 @@ class FitResult:
         Estimated distance to the minimum, ``g^T H^-1 g / 2`` of the unscaled loss over the
         free parameters not held at a bound; NaN when it cannot be computed.
     n_eval : int
-        Number of loss evaluations (value and gradient) used by NLopt.
+        Number of loss evaluations: the start plus NLopt's calls (what ``maxiter`` counts).
     nlopt_code : int
         NLopt's return code of the last run (negative codes are failures; see
         :data:`NLOPT_MESSAGES`).
@@ -117,7 +117,8 @@ class FitResult:
         A pseudo-inverse is used when ``H`` is singular (then ``valid`` is False).
     info : dict
         Diagnostics: ``n_nonfinite`` (evaluations whose loss or gradient was NaN/inf),
-        ``stopped_nonfinite``, ``moved_inside`` (name -> (given, used) start values moved into
+        ``stopped_nonfinite``, ``n_computed`` (evaluations actually computed by NLopt: SLSQP
+        asks twice for the points its line search accepts), ``moved_inside`` (name -> (given, used) start values moved into
         their bounds), ``scale`` (factor applied to the loss NLopt sees), ``x_scale``,
         ``rounds`` (NLopt runs), ``nlopt_codes``, ``edm_history``, ``at_bound`` (names of
         parameters held at a bound), ``hessian_singular``, ``hessian_posdef``, ``errordef``,
@@ -509,6 +510,8 @@ class LossEvaluator:
         self.best_f = np.inf
         self._best_y: np.ndarray | None = None
         self._opt: nlopt.opt | None = None
+        self._last: tuple | None = None  # (y, f, g) of the last computation
+        self.n_computed = 0
 
     # -- raw JAX calls (float64, unscaled) -------------------------------------------------
     def full(self, x_free: np.ndarray) -> np.ndarray:
@@ -540,7 +543,13 @@ class LossEvaluator:
         """NLopt objective: scaled loss at ``y``; fills ``grad`` in place when NLopt asks."""
         y = np.array(y, dtype=np.float64)
         x_free = self.to_x(y)
-        f, g = self.value_and_grad(x_free)
+        if self._last is not None and np.array_equal(y, self._last[0]):
+            # SLSQP asks again, with the gradient, for the point its line search accepted
+            f, g = self._last[1], self._last[2]
+        else:
+            f, g = self.value_and_grad(x_free)
+            self.n_computed += 1
+            self._last = (y, f, g)
         self.n_eval += 1
         if self.strategy.callback is not None:
             self.strategy.callback(self.full(x_free), f, g)
@@ -781,6 +790,7 @@ class SLSQP:
 
         def finish(x_full, f, code, message, edm=float("nan"), converged=False, h=None):
             info["n_nonfinite"] = evaluator.n_nonfinite
+            info["n_computed"] = evaluator.n_computed
             info["stopped_nonfinite"] = evaluator.stopped_nonfinite
             info["time_s"] = time.perf_counter() - t0
             cov = np.full((spec.values.size, spec.values.size), np.nan)
@@ -825,10 +835,17 @@ class SLSQP:
                           "give starting values where the loss is finite")
         evaluator.best_f, evaluator.best_x = f0, spec.values.copy()
         scale = 1.0 / max(1.0, abs(f0))
+        h0 = evaluator.hessian(x_free)
+        edm = criterion.calculate(x_free, g0, h0, lower, upper)
+        info["edm_history"].append(edm)
+        if criterion.converged(edm):  # e.g. chaining from a converged result: nothing to do
+            info["at_bound"] = _at_bound(criterion, spec, free_idx)
+            return finish(spec.values, f0, nlopt.SUCCESS,
+                          f"converged at the starting point (edm {edm:.3g} < errordef*tol "
+                          f"{getattr(criterion, 'threshold', float('nan')):.3g}); NLopt not run", edm, True, h0)
         if spec.step_size is not None:
             x_scale = spec.step_size[free_idx].copy()
         else:
-            h0 = evaluator.hessian(x_free)
             d = np.diag(h0) * scale
             ok = np.isfinite(d) & (d > 0)
             x_scale = np.ones(n_free)
@@ -878,17 +895,15 @@ class SLSQP:
             edm = criterion.calculate(xb, g, h, lower, upper)
             converged = criterion.converged(edm)
             info["edm_history"].append(edm)
-            crit_info = getattr(criterion, "info", {})
-            info["hessian_singular"] = bool(crit_info.get("hessian_singular", False))
-            active = crit_info.get("active")
-            info["at_bound"] = [spec.names[i] for i in free_idx[active]] if active is not None else []
+            info["hessian_singular"] = bool(getattr(criterion, "info", {}).get("hessian_singular", False))
+            info["at_bound"] = _at_bound(criterion, spec, free_idx)
             if self.verbosity >= 5:
                 logger.info("round %d: nlopt code %d (%s), f=%.10g edm=%.3g, n_eval=%d", rnd + 1, code,
                             NLOPT_MESSAGES.get(code, "?"), evaluator.best_f, edm, evaluator.n_eval)
             if converged or evaluator.stopped_nonfinite or code in (nlopt.MAXEVAL_REACHED, nlopt.INVALID_ARGS):
                 break
-            if code < 0 and code != nlopt.ROUNDOFF_LIMITED and not evaluator.best_f < f_before:
-                break  # a failure that made no progress will not make progress on a restart
+            if not evaluator.best_f < f_before - 0.1 * errordef * self.tol:
+                break  # a round that made no real progress will not make progress on a restart
             ftol *= 0.1
 
         if not message:
@@ -900,7 +915,15 @@ class SLSQP:
             message = f"converged (edm {edm:.3g} < errordef*tol {criterion.threshold:.3g}); {message}"
         else:
             message = f"not converged (edm {edm:.3g}, needs < {getattr(criterion, 'threshold', float('nan')):.3g}); {message}"
+            if evaluator.n_nonfinite:
+                message += (f"; the loss was non-finite in {evaluator.n_nonfinite} evaluations "
+                            "(a NaN region next to the best point?)")
         return finish(evaluator.best_x, evaluator.best_f, code, message, edm, converged, h)
+
+
+def _at_bound(criterion, spec: _ParamSpec, free_idx: np.ndarray) -> list[str]:
+    active = getattr(criterion, "info", {}).get("active")
+    return [spec.names[i] for i in free_idx[active]] if active is not None else []
 
 
 def _covariance(h: np.ndarray, errordef: float) -> tuple[np.ndarray, bool, bool]:

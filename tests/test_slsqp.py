@@ -1,0 +1,487 @@
+"""Tests of the NLopt SLSQP fallback (sheap_dask/slsqp.py).
+
+Known-answer problems (line, Gaussian on a slope, two-Gaussian blend, tied doublet) checked
+against linear least squares and scipy (SLSQP, least_squares); errors against the analytic
+covariance; bounds, NaN regions, rescaling of large chi-squares, chaining, verbosity, caching of
+compilations, and the wording of every bad-input error.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import nlopt
+import numpy as np
+import pytest
+from scipy import optimize
+
+from sheap_dask.errors import OptionError, ParameterSpecError
+from sheap_dask.slsqp import EDM, SLSQP, FitResult, PushbackStrategy
+from sheap_dask.status import Status
+
+# ----------------------------------------------------------------------------------------
+# Problems with a known answer (kept here: small, fixed seeds)
+# ----------------------------------------------------------------------------------------
+WAVE = np.linspace(4700.0, 5000.0, 300)
+SIGMA = 0.5  # flux error of the small problems
+BIG_SIGMA = 0.05  # raw chi-square ~1e7 at the start, gradients ~1e6: a real high-S/N spectrum
+
+
+def gauss(x, amp, center, sigma):
+    return amp * jnp.exp(-0.5 * ((x - center) / sigma) ** 2)
+
+
+def gauss_slope(x, p):
+    return gauss(x, p[0], p[1], p[2]) + p[3] + p[4] * (x - 4850.0) / 100.0
+
+
+def blend(x, p):
+    return gauss(x, p[0], p[1], p[2]) + gauss(x, p[3], p[4], p[5]) + p[6]
+
+
+OIII_RATIO = 4958.911 / 5006.843
+
+
+def doublet(x, p):
+    """[OIII] 4959/5007: the 4959 line tied to 5007 (flux/2.98, same velocity width)."""
+    return (gauss(x, p[0], p[1], p[2]) + gauss(x, p[0] / 2.98, p[1] * OIII_RATIO, p[2] * OIII_RATIO) + p[3])
+
+
+def make_data(model, p_true, x, sigma=SIGMA, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.asarray(model(x, jnp.asarray(p_true))) + rng.normal(0.0, sigma, x.size)
+    return y, np.full(x.size, sigma)
+
+
+def chi2_loss(model):
+    def loss(p, x, y, err):
+        return jnp.sum(((model(x, p) - y) / err) ** 2)
+
+    loss.errordef = 1.0
+    return loss
+
+
+GS_LOSS = chi2_loss(gauss_slope)
+BLEND_LOSS = chi2_loss(blend)
+DOUBLET_LOSS = chi2_loss(doublet)
+GS_TRUE = np.array([50.0, 4861.0, 15.0, 20.0, -3.0])
+GS_START = np.array([30.0, 4855.0, 25.0, 15.0, 0.0])
+
+
+def least_squares_ref(model, x, y, err, p0, lower=None, upper=None):
+    """scipy least_squares to full precision, the reference minimum of the chi-square."""
+    resid = jax.jit(lambda p: (model(x, p) - y) / err)
+    res_fn = lambda p: np.asarray(resid(jnp.asarray(p)))  # noqa: E731
+    jac = jax.jit(jax.jacfwd(resid))
+    lo = -np.inf if lower is None else lower
+    hi = np.inf if upper is None else upper
+    r = optimize.least_squares(res_fn, p0, jac=lambda p: np.asarray(jac(jnp.asarray(p))), bounds=(lo, hi),
+                               method="trf", x_scale="jac", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=2000)
+    assert r.success
+    return r.x, np.linalg.inv(r.jac.T @ r.jac)
+
+
+# ----------------------------------------------------------------------------------------
+# Known answers
+# ----------------------------------------------------------------------------------------
+def test_line_matches_linear_least_squares_values_and_covariance():
+    rng = np.random.default_rng(1)
+    x = np.linspace(0.0, 10.0, 40)
+    err = 0.3 + 0.1 * rng.random(x.size)
+    y = 1.7 * x - 4.0 + rng.normal(0.0, err)
+    A = np.stack([x, np.ones_like(x)], axis=1) / err[:, None]
+    cov_ls = np.linalg.inv(A.T @ A)
+    p_ls = cov_ls @ A.T @ (y / err)
+
+    def chi2(p, x, y, err):
+        return jnp.sum(((p[0] * x + p[1] - y) / err) ** 2)
+
+    chi2.errordef = 1.0
+    res = SLSQP(tol=1e-10).minimize(chi2, {"value": [0.0, 0.0], "name": ["slope", "intercept"]}, args=(x, y, err))
+    assert res.converged and res.valid, res.message
+    assert res.edm < 1e-10
+    np.testing.assert_allclose(res.values, p_ls, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(res.covariance, cov_ls, rtol=1e-8)
+    np.testing.assert_allclose(res.errors, np.sqrt(np.diag(cov_ls)), rtol=1e-8)
+    assert res.params == {"slope": res.values[0], "intercept": res.values[1]}
+    assert res.status is Status.CONVERGED
+
+    # A negative log-likelihood (chi2 / 2, errordef 0.5) has the same covariance: cov = 2*errordef*H^-1.
+    def nll(p, x, y, err):
+        return 0.5 * chi2(p, x, y, err)
+
+    nll.errordef = 0.5
+    res_nll = SLSQP(tol=1e-10).minimize(nll, [0.0, 0.0], args=(x, y, err))
+    np.testing.assert_allclose(res_nll.covariance, cov_ls, rtol=1e-8)
+    np.testing.assert_allclose(res_nll.values, p_ls, rtol=1e-9, atol=1e-9)
+
+    # Without errordef the loss counts as a chi-square (errordef 1).
+    def plain(p, x, y, err):
+        return chi2(p, x, y, err)
+
+    res_plain = SLSQP(tol=1e-10).minimize(plain, [0.0, 0.0], args=(x, y, err))
+    assert res_plain.errordef == 1.0
+    np.testing.assert_allclose(res_plain.covariance, cov_ls, rtol=1e-8)
+
+
+def test_gaussian_on_slope_large_chi2_matches_least_squares_and_scipy_slsqp():
+    y, err = make_data(gauss_slope, GS_TRUE, WAVE, sigma=BIG_SIGMA)
+    f0 = float(GS_LOSS(jnp.asarray(GS_START), WAVE, y, err))
+    g0 = np.asarray(jax.grad(GS_LOSS)(jnp.asarray(GS_START), WAVE, y, err))
+    assert f0 > 1e5 and np.abs(g0).max() > 1e6  # the scale at which raw LD_SLSQP gives up
+    lower = np.array([0.0, 4800.0, 2.0, -100.0, -100.0])
+    upper = np.array([1e3, 4900.0, 100.0, 100.0, 100.0])
+    res = SLSQP(tol=1e-8).minimize(GS_LOSS, {"value": GS_START, "lower": lower, "upper": upper}, args=(WAVE, y, err))
+    assert res.converged and res.valid, res.message
+    assert res.info["scale"] == pytest.approx(1.0 / f0)
+    p_ref, cov_ref = least_squares_ref(gauss_slope, WAVE, y, err, GS_START)
+    err_ref = np.sqrt(np.diag(cov_ref))
+    np.testing.assert_allclose(res.values, p_ref, atol=1e-4 * err_ref.min() * 10, rtol=0)
+    # errors come from the full Hessian; Gauss-Newton (J^T J) differs by the residual-curvature term
+    np.testing.assert_allclose(res.errors, err_ref, rtol=1e-3)
+    assert np.all(np.abs(res.values - GS_TRUE) < 5 * err_ref)  # and the truth is recovered
+
+    # scipy's SLSQP on the same (rescaled, so that it too can run) objective and bounds
+    s = 1.0 / f0
+    fun = jax.jit(jax.value_and_grad(lambda p: s * GS_LOSS(p, WAVE, y, err)))
+    sp = optimize.minimize(lambda p: tuple(np.asarray(v, float) for v in fun(jnp.asarray(p))), GS_START, jac=True,
+                           method="SLSQP", bounds=list(zip(lower, upper)), options={"ftol": 1e-15, "maxiter": 2000})
+    np.testing.assert_allclose(res.values, sp.x, atol=1e-3 * err_ref.min())
+    assert res.fmin <= sp.fun / s * (1 + 1e-10)
+
+
+def test_raw_nlopt_gives_up_on_the_unscaled_chi2_but_slsqp_converges():
+    """Documents why the objective is rescaled: plain LD_SLSQP stops early on a raw spectrum chi2."""
+    y, err = make_data(gauss_slope, GS_TRUE, WAVE, sigma=0.02)
+    vg = jax.jit(jax.value_and_grad(GS_LOSS))
+    n = [0]
+
+    def raw(x, grad):
+        n[0] += 1
+        f, g = vg(jnp.asarray(x), WAVE, y, err)
+        if grad.size:  # SLSQP's line search asks for values only
+            grad[:] = np.asarray(g)
+        return float(f)
+
+    opt = nlopt.opt(nlopt.LD_SLSQP, 5)
+    opt.set_lower_bounds([0.0, 4800.0, 2.0, -100.0, -100.0])
+    opt.set_upper_bounds([1e3, 4900.0, 100.0, 100.0, 100.0])
+    opt.set_min_objective(raw)
+    opt.set_maxeval(2000)
+    opt.set_ftol_rel(1e-10)
+    try:
+        x_raw = opt.optimize(GS_START)
+    except nlopt.RoundoffLimited:
+        x_raw = None
+    p_ref, _ = least_squares_ref(gauss_slope, WAVE, y, err, GS_START)
+    raw_ok = x_raw is not None and np.allclose(x_raw, p_ref, rtol=1e-4)
+    res = SLSQP(tol=1e-6).minimize(GS_LOSS, {"value": GS_START, "lower": [0.0, 4800.0, 2.0, -100.0, -100.0],
+                                     "upper": [1e3, 4900.0, 100.0, 100.0, 100.0]}, args=(WAVE, y, err))
+    assert res.converged, res.message
+    np.testing.assert_allclose(res.values, p_ref, rtol=1e-6)
+    assert not raw_ok  # here (f0 ~ 5e7) raw NLopt stops after a few evaluations far from the minimum
+
+
+def test_two_gaussian_blend():
+    p_true = np.array([30.0, 4861.0, 5.0, 20.0, 4870.0, 40.0, 10.0])
+    y, err = make_data(blend, p_true, WAVE, seed=2)
+    start = np.array([20.0, 4858.0, 8.0, 15.0, 4865.0, 30.0, 8.0])
+    lower = [0.0, 4840, 1.0, 0.0, 4840, 10.0, -50]
+    upper = [200, 4880, 20.0, 200, 4900, 100.0, 50]
+    res = SLSQP(tol=1e-8).minimize(BLEND_LOSS, {"value": start, "lower": lower, "upper": upper}, args=(WAVE, y, err))
+    assert res.converged and res.valid, res.message
+    p_ref, cov_ref = least_squares_ref(blend, WAVE, y, err, start)
+    err_ref = np.sqrt(np.diag(cov_ref))
+    np.testing.assert_allclose(res.values, p_ref, atol=1e-3 * err_ref.min())
+    np.testing.assert_allclose(res.errors, err_ref, rtol=2e-2)  # full Hessian vs Gauss-Newton
+
+
+def test_tied_doublet_through_a_function():
+    x = np.linspace(4900.0, 5060.0, 240)
+    p_true = np.array([40.0, 5006.843, 3.0, 5.0])
+    y, err = make_data(doublet, p_true, x, seed=3)
+    res = SLSQP(tol=1e-8).minimize(DOUBLET_LOSS, {"value": [20.0, 5005.0, 5.0, 0.0], "name": ["amp", "center", "sigma", "cont"],
+                                                  "lower": [0, 4990, 0.5, -20], "upper": [500, 5020, 20, 20]},
+                                   args=(x, y, err))
+    assert res.converged, res.message
+    p_ref, cov_ref = least_squares_ref(doublet, x, y, err, np.array([20.0, 5005.0, 5.0, 0.0]))
+    np.testing.assert_allclose(res.values, p_ref, atol=1e-3 * np.sqrt(np.diag(cov_ref)).min())
+    assert abs(res.params["center"] - 5006.843) < 5 * res.errors[1]
+
+
+# ----------------------------------------------------------------------------------------
+# Bounds
+# ----------------------------------------------------------------------------------------
+def test_bounds_honoured_and_active_bound_counts_as_converged():
+    y, err = make_data(gauss_slope, GS_TRUE, WAVE)
+    upper = np.array([40.0, 4900.0, 100.0, 100.0, 100.0])  # amplitude capped below its best value
+    res = SLSQP(tol=1e-6).minimize(GS_LOSS, {"value": GS_START, "lower": [0, 4800, 2, -100, -100], "upper": upper,
+                                             "name": ["amp", "center", "sigma", "c0", "c1"]}, args=(WAVE, y, err))
+    assert res.values[0] == pytest.approx(40.0, abs=1e-9)
+    assert np.all(res.values <= upper) and np.all(res.values >= [0, 4800, 2, -100, -100])
+    assert res.info["at_bound"] == ["amp"]
+    assert res.converged, res.message  # the gradient pushing out of the box does not count in the EDM
+    p_ref, _ = least_squares_ref(gauss_slope, WAVE, y, err, GS_START, lower=[0, 4800, 2, -100, -100], upper=upper)
+    np.testing.assert_allclose(res.values, p_ref, rtol=1e-5)
+
+
+def test_start_outside_bounds_moved_inside_and_reported():
+    y, err = make_data(gauss_slope, GS_TRUE, WAVE)
+    spec = {"value": [5000.0, 4700.0, 25.0, 15.0, 0.0], "lower": [0, 4800, 2, -100, -100],
+            "upper": [1e3, 4900, 100, 100, 100], "name": ["amp", "center", "sigma", "c0", "c1"]}
+    with pytest.warns(UserWarning, match=r"initial value\(s\) outside their bounds moved inside: amp: 5000 -> 999; "
+                                         r"center: 4700 -> 4800\.1"):
+        res = SLSQP().minimize(GS_LOSS, spec, args=(WAVE, y, err))
+    assert res.info["moved_inside"] == {"amp": (5000.0, 999.0), "center": (4700.0, pytest.approx(4800.1))}
+    assert res.nlopt_code != nlopt.INVALID_ARGS and np.isfinite(res.fmin)
+    assert np.all(res.values >= spec["lower"]) and np.all(res.values <= spec["upper"])
+
+
+def test_fixed_parameter_with_equal_bounds():
+    y, err = make_data(gauss_slope, GS_TRUE, WAVE)
+    res = SLSQP(tol=1e-6).minimize(GS_LOSS, {"value": [30, 4861.0, 25, 15, 0], "lower": [0, 4861.0, 2, -100, -100],
+                                             "upper": [1e3, 4861.0, 100, 100, 100]}, args=(WAVE, y, err))
+    assert res.converged and res.values[1] == 4861.0
+    assert res.errors[1] == 0.0 and np.all(res.errors[[0, 2, 3, 4]] > 0)
+
+
+# ----------------------------------------------------------------------------------------
+# Non-finite losses
+# ----------------------------------------------------------------------------------------
+def test_nan_on_the_way_is_pushed_back_and_counted():
+    def loss(p):  # NaN for p0 < 0, where SLSQP's first steps from p0 = 100 land
+        return (jnp.log(p[0]) - jnp.log(3.0)) ** 2 + (p[1] - 1.0) ** 2
+
+    res = SLSQP(tol=1e-8).minimize(loss, [100.0, 0.0])
+    assert res.info["n_nonfinite"] > 0 and not res.info["stopped_nonfinite"]
+    assert res.converged, res.message
+    np.testing.assert_allclose(res.values, [3.0, 1.0], rtol=1e-3)
+
+
+def test_nan_region_next_to_the_best_point_does_not_burn_maxiter():
+    def loss(p):  # the minimum at (3, 1) lies inside a NaN region that starts at p0 = 1.5
+        return jnp.where(p[0] > 1.5, jnp.nan, (p[0] - 3.0) ** 2 + (p[1] - 1.0) ** 2)
+
+    res = SLSQP(maxiter=5000).minimize(loss, [0.0, 0.0])
+    assert res.info["n_nonfinite"] > 0
+    assert res.n_eval < 300  # restarts stop when they stop improving: not 5000
+    assert res.info["n_computed"] < res.n_eval  # re-requests of accepted points are not recomputed
+    assert np.isfinite(res.fmin) and 1.4 < res.values[0] <= 1.5
+    assert not res.converged and res.status is Status.FAILED
+    assert f"the loss was non-finite in {res.info['n_nonfinite']} evaluations" in res.message
+
+
+def test_loss_nan_everywhere_but_the_start_stops_with_nonfinite_status():
+    calls = []
+    strategy = PushbackStrategy(max_nonfinite=7, callback=lambda x, f, g: calls.append((x.copy(), f)))
+
+    def loss(p):
+        return jnp.where(jnp.all(p == 0.5), jnp.sum(p**2), jnp.nan)
+
+    res = SLSQP(maxiter=10_000, strategy=strategy).minimize(loss, [0.5, 0.5])
+    assert res.status is Status.NONFINITE and res.info["stopped_nonfinite"]
+    assert res.message.startswith("stopped after 7 consecutive non-finite loss evaluations")
+    assert res.n_eval <= 10 and res.info["n_nonfinite"] == 7
+    np.testing.assert_array_equal(res.values, [0.5, 0.5])
+    # the callback sees every NLopt evaluation with the raw values: the start, then NaNs
+    assert len(calls) == res.n_eval - 1 and calls[0][1] == 0.5 and all(np.isnan(f) for _, f in calls[1:])
+
+
+def test_nonfinite_start_gives_a_clear_message():
+    res = SLSQP().minimize(lambda p: jnp.log(p[0]), [-1.0])
+    assert not res.converged and res.status is Status.NONFINITE
+    assert "not finite at the starting point" in res.message and res.n_eval == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Chaining, verbosity, compilation cache, precision
+# ----------------------------------------------------------------------------------------
+def test_init_chains_a_previous_result():
+    y, err = make_data(gauss_slope, GS_TRUE, WAVE)
+    spec = {"value": GS_START, "lower": [0, 4800, 2, -100, -100], "upper": [1e3, 4900, 100, 100, 100]}
+    rough = SLSQP(maxiter=4).minimize(GS_LOSS, spec, args=(WAVE, y, err))
+    assert not rough.converged and rough.status is Status.MAX_ITER and rough.n_eval <= 4
+    assert rough.fmin < float(GS_LOSS(jnp.asarray(GS_START), WAVE, y, err))
+    polished = SLSQP(tol=1e-8).minimize(GS_LOSS, init=rough, args=(WAVE, y, err))  # bounds come from init
+    assert polished.converged
+    np.testing.assert_array_equal(polished.lower, spec["lower"])
+    direct = SLSQP(tol=1e-8).minimize(GS_LOSS, spec, args=(WAVE, y, err))
+    np.testing.assert_allclose(polished.values, direct.values, atol=1e-3 * direct.errors.min())
+    # init with params: params gives the specification, init the start
+    again = SLSQP(tol=1e-8).minimize(GS_LOSS, spec, init=polished, args=(WAVE, y, err))
+    assert again.converged and again.n_eval == 1 and again.message.startswith("converged at the starting point")
+
+
+def test_verbosity_levels(caplog):
+    def loss(p):
+        return jnp.sum((p - jnp.array([1.0, 2.0])) ** 2)
+
+    caplog.set_level(logging.DEBUG, logger="sheap_dask.slsqp")
+    SLSQP(verbosity=0).minimize(loss, [0.0, 0.0])
+    assert caplog.records == []
+    SLSQP(verbosity=1).minimize(loss, [0.0, 0.0])
+    assert [r.levelno for r in caplog.records] == [logging.INFO] and "converged" in caplog.records[0].getMessage()
+    caplog.clear()
+    res = SLSQP(verbosity=5).minimize(loss, [0.0, 0.0])
+    assert sum("round 1" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    res = SLSQP(verbosity=10).minimize(loss, [0.0, 0.0])
+    evals = [r for r in caplog.records if r.getMessage().startswith("eval ")]
+    assert len(evals) == res.n_eval - 1 and all(r.levelno == logging.DEBUG for r in evals)
+
+
+def test_compilation_cached_across_spectra():
+    traces = []
+
+    def loss(p, x, y, err):
+        traces.append(1)  # runs only while JAX traces
+        return jnp.sum(((gauss_slope(x, p) - y) / err) ** 2)
+
+    loss.errordef = 1.0
+    fitter = SLSQP(tol=1e-5)
+    spec = {"value": GS_START, "lower": [0, 4800, 2, -100, -100], "upper": [1e3, 4900, 100, 100, 100]}
+    counts = []
+    for seed in range(4):
+        y, err = make_data(gauss_slope, GS_TRUE + [5.0 * seed, seed, 0, 0, 0], WAVE, seed=seed)
+        res = SLSQP(tol=1e-5).minimize(loss, spec, args=(WAVE, y, err)) if seed == 3 else fitter.minimize(
+            loss, spec, args=(WAVE, list(y), err))
+        assert res.converged, res.message
+        counts.append(len(traces))
+    assert counts[0] > 0 and counts[1:] == [counts[0]] * 3, counts
+
+
+def test_float64_inside_without_global_x64():
+    """In a fresh process with x64 off: float32 data, float64 gradients, the flag left untouched."""
+    code = textwrap.dedent(
+        """
+        import os
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax, jax.numpy as jnp, numpy as np
+        from sheap_dask.slsqp import SLSQP
+        x = np.linspace(0, 1, 30, dtype=np.float32); y = (3 * x + 1).astype(np.float32)
+        def chi2(p, x, y):
+            return jnp.sum((p[0] * x + p[1] - y) ** 2 / 1e-4)
+        res = SLSQP(tol=1e-10).minimize(chi2, [0.0, 0.0], args=(x, y))
+        assert not jax.config.jax_enable_x64 and jnp.ones(1).dtype == jnp.float32
+        A = np.stack([x, np.ones_like(x)], 1).astype(np.float64)
+        ref = np.linalg.lstsq(A, y.astype(np.float64), rcond=None)[0]
+        assert res.converged and res.values.dtype == np.float64, res
+        assert np.allclose(res.values, ref, rtol=1e-10, atol=1e-10), (res.values, ref)
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_create_criterion_and_evaluator():
+    def nll(p):
+        return 0.5 * jnp.sum(p**2)
+
+    nll.errordef = 0.5
+    fitter = SLSQP(tol=1e-4)
+    crit = fitter.create_criterion(nll)
+    assert isinstance(crit, EDM) and crit.threshold == pytest.approx(0.5e-4)
+    ev = fitter.create_evaluator(nll, {"value": [1.0, 2.0]})
+    f, g = ev.value_and_grad(np.array([1.0, 2.0]))
+    assert f == pytest.approx(2.5) and np.allclose(g, [1.0, 2.0])
+    edm = crit.calculate(np.array([1.0, 2.0]), g, ev.hessian(np.array([1.0, 2.0])), np.full(2, -np.inf), np.full(2, np.inf))
+    assert edm == pytest.approx(2.5) and not crit.converged(edm) and crit.converged(1e-5)
+
+
+def test_custom_criterion_is_used():
+    class Never(EDM):
+        def converged(self, value=None):
+            return False
+
+    res = SLSQP(criterion=Never, maxiter=300).minimize(lambda p: jnp.sum(p**2), [1.0, 1.0])
+    assert not res.converged and res.status is Status.FAILED
+    assert res.info["rounds"] == 2  # a restart that makes no progress ends the fit
+    assert res.edm < 1e-12 and res.message.startswith("not converged (edm ")  # only the criterion refused it
+
+
+def test_singular_hessian_reported():
+    def loss(p):  # only p0 + p1 is determined
+        return (p[0] + p[1] - 2.0) ** 2
+
+    res = SLSQP().minimize(loss, [0.0, 0.0])
+    assert res.values.sum() == pytest.approx(2.0, abs=1e-6)
+    assert res.info["hessian_singular"] and not res.valid
+
+
+# ----------------------------------------------------------------------------------------
+# Bad inputs: the wording is pinned here
+# ----------------------------------------------------------------------------------------
+def _loss(p):
+    return jnp.sum(p**2)
+
+
+@pytest.mark.parametrize(
+    "params, exc, match",
+    [
+        ({"value": [1.0], "min": [0.0]}, ParameterSpecError,
+         r"params has unknown key\(s\) \['min'\]; allowed keys are \['value', 'name', 'lower', 'upper', 'step_size'\] "
+         r"\('value' required\)\."),
+        ({"lower": [0.0]}, ParameterSpecError, r"params dict needs a 'value' entry \(the initial values\), got keys \['lower'\]\."),
+        ({"value": [1.0, 2.0], "lower": [0.0]}, ParameterSpecError,
+         r"params\['lower'\] has 1 entries but params\['value'\] has 2; give one entry per parameter\."),
+        ({"value": [1.0, 2.0], "name": ["a"]}, ParameterSpecError,
+         r"params\['name'\] has 1 entries but params\['value'\] has 2; give one name per parameter\."),
+        ({"value": [1.0, 2.0], "name": ["a", "a"]}, ParameterSpecError, r"params\['name'\] has duplicate names \['a'\]"),
+        ({"value": [1.0, 2.0], "name": ["a", "b"], "lower": [0, 5], "upper": [2, 3]}, ParameterSpecError,
+         r"params bounds of 'b' are inverted: lower=5\.0 > upper=3\.0; swap them \(lower == upper fixes the parameter\)\."),
+        ({"value": [np.nan]}, ParameterSpecError, r"params\['value'\] of 'p0' is nan; give finite initial values\."),
+        ({"value": [1.0], "upper": [np.nan]}, ParameterSpecError,
+         r"params\['upper'\] of 'p0' is nan; use -inf/\+inf \(or None\) for no bound\."),
+        ({"value": [1.0], "step_size": [0.0]}, ParameterSpecError,
+         r"params\['step_size'\] of 'p0' is 0\.0; step sizes must be finite and > 0\."),
+        ({"value": [[1.0, 2.0]]}, ParameterSpecError, r"params\['value'\] must be 1-D \(one entry per parameter\), got shape \(1, 2\)\."),
+        ({"value": ["a"]}, ParameterSpecError, r"params\['value'\] must be a sequence of numbers"),
+        (None, ParameterSpecError, r"minimize\(\) needs starting values: pass params=array or params=\{'value': \.\.\.\}, "
+                                   r"or init=a previous FitResult\."),
+    ],
+)
+def test_bad_params_errors(params, exc, match):
+    with pytest.raises(exc, match=match):
+        SLSQP().minimize(_loss, params)
+
+
+def test_bad_loss_and_options_errors():
+    with pytest.raises(OptionError, match=r"loss must be callable as loss\(x, \*args\) -> scalar, got ndarray"):
+        SLSQP().minimize(np.zeros(3), [1.0])
+    bad = lambda p: jnp.sum(p**2)  # noqa: E731
+    bad.errordef = -1
+    with pytest.raises(OptionError, match=r"loss\.errordef must be a positive number \(1 for a chi-square, 0\.5 for a "
+                                          r"negative log-likelihood\), got -1\."):
+        SLSQP().minimize(bad, [1.0])
+    with pytest.raises(ParameterSpecError, match=r"init must be a FitResult from a previous minimize\(\) call, got dict"):
+        SLSQP().minimize(_loss, init={"value": [1.0]})
+    with pytest.raises(OptionError, match=r"tol must be a finite number > 0 \(default 1e-3\), got -1"):
+        SLSQP(tol=-1)
+    with pytest.raises(OptionError, match=r"verbosity must be an integer from 0 \(silent\) to 10 \(every evaluation\), got 11\."):
+        SLSQP(verbosity=11)
+    with pytest.raises(OptionError, match=r"maxiter must be a positive integer \(number of loss evaluations\) or None, got 0\."):
+        SLSQP(maxiter=0)
+    with pytest.raises(OptionError, match=r"strategy must be a PushbackStrategy"):
+        SLSQP(strategy="pushback")
+    with pytest.raises(OptionError, match=r"max_nonfinite must be an integer >= 1, got 0\."):
+        PushbackStrategy(max_nonfinite=0)
+    with pytest.raises(OptionError, match=r"args must be a tuple of arrays passed as loss\(x, \*args\), got ndarray\."):
+        SLSQP().minimize(_loss, [1.0], args=np.zeros(3))
+    assert issubclass(ParameterSpecError, ValueError) and issubclass(OptionError, ValueError)
+
+
+def test_fitresult_repr_and_fields():
+    res = SLSQP().minimize(_loss, {"value": [1.0, -1.0], "name": ["a", "b"]})
+    assert isinstance(res, FitResult)
+    assert repr(res).startswith("FitResult(converged=True, valid=True, fmin=")
+    assert res.nlopt_code > 0 and res.message.startswith("converged (edm ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a start inside the bounds warns nothing
+        SLSQP().minimize(_loss, {"value": [1.0], "lower": [0.0], "upper": [2.0]})
