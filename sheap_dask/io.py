@@ -493,12 +493,12 @@ def _table_columns(header) -> dict[str, str]:
     return {str(header[f"TTYPE{i}"]).strip().lower(): str(header[f"TTYPE{i}"]).strip() for i in range(1, n + 1) if f"TTYPE{i}" in header}
 
 
-def _first_row(hdul, index: int, wanted: Iterable[str]) -> dict[str, Any]:
-    """Values of the ``wanted`` columns (lower-case names) in row 0 of binary table ``index``.
+def _table_row(hdul, index: int, wanted: Iterable[str], row_index: int = 0) -> dict[str, Any]:
+    """Values of the ``wanted`` columns (lower-case names) in one row of binary table ``index``.
 
     astropy builds a Column object for each of the ~240 columns of an SPALL/SPECOBJ table
     when its ``.data`` is touched (0.3-0.5 s a file); here the byte offsets come from the
-    TFORMn keywords and only the first row is read, which is ~50x faster.
+    TFORMn keywords and only one row is read, which is ~50x faster.
     """
     header = hdul[index].header
     want = {w.lower() for w in wanted}
@@ -527,7 +527,9 @@ def _first_row(hdul, index: int, wanted: Iterable[str]) -> dict[str, Any]:
     if data_loc is None:  # pragma: no cover - older/newer astropy without the attribute
         data_loc = hdul.fileinfo(index)["datLoc"]
     fileobj = hdul._file  # the file handle astropy already holds open
-    fileobj.seek(data_loc)
+    if not 0 <= row_index < int(header.get("NAXIS2", 0)):
+        raise InputDataError(f"HDU{index}: row {row_index} does not exist (NAXIS2 = {header.get('NAXIS2')})")
+    fileobj.seek(data_loc + row_index * row_len)
     row = fileobj.read(row_len)
     out = {}
     for name, (off, code, rep) in fields.items():
@@ -568,7 +570,7 @@ def _scan_sdss_file(path: str, ebv_mode: str | None) -> dict[str, Any]:
         if hdul[2].header.get("XTENSION", "").strip() != "BINTABLE":
             raise InputDataError(f"{path}: HDU2 is not the SPECOBJ/SPALL table of an SDSS spec file")
         wanted = ("z", "z_err", "zwarning", "plate", "mjd", "fiberid", "plug_ra", "plug_dec", "ra", "dec", "class", "extinction")
-        row = _first_row(hdul, 2, wanted)
+        row = _table_row(hdul, 2, wanted)
         hdr0 = hdul[0].header
         hdu2_name = hdul[2].name
 
@@ -607,17 +609,20 @@ def _scan_sdss_file(path: str, ebv_mode: str | None) -> dict[str, Any]:
                 )
             e_sfd = float(np.asarray(ext)[2]) / _SF11_R_BAND
             meta["ebv"] = e_sfd * (_SF11_RECALIBRATION if ebv_mode == "sf11" else 1.0)
-        # The grid extent: from the primary header when it carries the linear log-lambda
-        # solution (every DR8+ file does), otherwise from the loglam column.
+        # The grid extent from the first and last loglam (ascending in every coadd). Not from
+        # the primary header's COEFF0: it is one pixel off in some spec-lite files (1325-52762).
         n_pix = int(h1.get("NAXIS2", 0))
-        coeff0, coeff1 = hdr0.get("COEFF0"), hdr0.get("COEFF1")
-        if coeff0 is not None and coeff1 is not None and abs(float(coeff1) - LOGLAM_STEP) < 1e-9:
-            k_start = int(round(float(coeff0) / LOGLAM_STEP))
-            k_stop = k_start + n_pix
-        else:
+        if n_pix < 1:
+            raise InputDataError(f"{path}: the COADD table of HDU1 has no rows")
+        first = _table_row(hdul, 1, ["loglam"], 0).get("loglam")
+        last = _table_row(hdul, 1, ["loglam"], n_pix - 1).get("loglam")
+        if first is None or last is None:  # loglam stored with TSCAL/TZERO: let astropy decode
             loglam = np.asarray(hdul[1].data[cols1["loglam"]], dtype=np.float64)
-            k = np.rint(loglam / LOGLAM_STEP)
-            k_start, k_stop = int(k.min()), int(k.max()) + 1
+            first, last = loglam.min(), loglam.max()
+        k_start = int(np.rint(float(first) / LOGLAM_STEP))
+        k_stop = int(np.rint(float(last) / LOGLAM_STEP)) + 1
+        if k_stop <= k_start:
+            raise InputDataError(f"{path}: loglam is not ascending in the COADD table (first {first}, last {last})")
     meta["k_start"], meta["k_stop"] = k_start, k_stop
     meta["filename"] = os.path.basename(path)
     meta["specname"] = f"spec-{meta['plate']:04d}-{meta['mjd']:05d}-{meta['fiberid']:04d}"
@@ -658,7 +663,7 @@ def _read_sdss_pixels(
     keep = (idx >= 0) & (idx < n_wave)
     if not clip and not np.all(keep):
         raise InputDataError(
-            f"{path}: pixels fall outside the grid computed from its header (COEFF0/NAXIS2 disagree with loglam)"
+            f"{path}: loglam is not ascending: pixels fall outside the range of its first and last loglam"
         )
     bad = ~np.isfinite(ivar) | (ivar < 0) | ~np.isfinite(flux)
     if and_mask is not None:
@@ -987,6 +992,9 @@ def ingest_sdss(
     lazy = da.zeros((n, nw), dtype=np.float32, chunks=(chunk, nw))
     template = plan.dataset(lazy, lazy, spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
     encoding = {v: {"chunks": (chunk, nw)} for v in ("flux", "ivar")}
+    # per-spectrum coordinates chunked like the data, so the opened store has one set of
+    # chunks along spectrum (``ds.chunks`` raises on inconsistent chunks)
+    encoding.update({c: {"chunks": (chunk,)} for c, v in template.coords.items() if v.dims == (spectrum_dim,)})
     so = dict(storage_options) if storage_options else None
     # Coordinates (numpy) are written now; the dask-backed flux/ivar only get their metadata.
     template.to_zarr(store, mode="w" if overwrite else "w-", compute=False, encoding=encoding, storage_options=so)
@@ -1361,8 +1369,8 @@ def write_zarr(
     if _store_exists(store) and not overwrite:
         raise OptionError(f"store {os.fspath(store)!r} already exists; pass overwrite=True to replace it")
     if chunk is None:
-        chunks = ds.chunks.get(spectrum_dim) if ds.chunks else None
-        chunk = int(chunks[0]) if chunks else 256
+        chunked = [v.chunksizes[spectrum_dim] for v in ds.data_vars.values() if v.chunks and spectrum_dim in v.dims]
+        chunk = int(chunked[0][0]) if chunked else 256
     chunk = _check_chunk(chunk)
     out = ds.copy()
     for name in out.variables:
