@@ -638,8 +638,10 @@ def _inverse(phys, lo, hi):
     dtype = phys.dtype
     eps = jnp.finfo(dtype).eps
     tiny = jnp.finfo(dtype).tiny
-    span = jnp.where(both, hi_s - lo_s, 1.0)
-    u = jnp.clip(jnp.where(both, (phys - lo_s) / span, 0.5), eps, 1.0 - eps)
+    # lo == hi (a bound pair that pins the value, e.g. from Minimizer constraints) maps to 0.
+    open_ = both & (hi_s > lo_s)
+    span = jnp.where(open_, hi_s - lo_s, 1.0)
+    u = jnp.clip(jnp.where(open_, (phys - lo_s) / span, 0.5), eps, 1.0 - eps)
     logit = jnp.log(u) - jnp.log1p(-u)
     y_low = jnp.maximum(jnp.where(low, phys - lo_s, 1.0), tiny)
     y_up = jnp.maximum(jnp.where(up, hi_s - phys, 1.0), tiny)
