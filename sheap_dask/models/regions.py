@@ -384,7 +384,8 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             for c in comps.values():
                 if c.kind == "feii":
                     v, lo, hi = value_spec(f"{c.name}_fwhm")
-                    feii_fwhm = float(np.clip(min(fwhm.values()) if broad else v, lo, hi))
+                    # FeII comes from the broad-line region: start at the broad core's width
+                    feii_fwhm = float(np.clip(fwhm[broad[0].name] if broad else v, lo, hi))
                     tmpl = c.info["template_obj"]
                     cols.append(np.broadcast_to(tmpl.evaluate_numpy(safe_wl, feii_fwhm), y.shape))
                     col_names.append((c.name, "amplitude"))
@@ -396,8 +397,9 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             for c in lines:
                 src = c.name
                 fw_src = tie_of[f"{c.name}_fwhm"][1].rsplit("_", 1)[0] if tie_of[f"{c.name}_fwhm"] else c.name
-                sh = nshift if comps[fw_src].line_kind == "narrow" else np.zeros(n)
-                prof = _np_profile(c.kind, wl2, 1.0, sh[:, None], fwhm[fw_src], c.rest_wavelength)
+                # broad lines start unshifted: one profile shared by all spectra
+                sh = nshift[:, None] if comps[fw_src].line_kind == "narrow" else 0.0
+                prof = _np_profile(c.kind, wl2, 1.0, sh, fwhm[fw_src], c.rest_wavelength)
                 tie = tie_of[f"{c.name}_flux"]
                 factor = 1.0
                 if tie is not None and tie[2] in "*/":
