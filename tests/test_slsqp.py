@@ -215,6 +215,44 @@ def test_tied_doublet_through_a_function():
     assert abs(res.params["center"] - 5006.843) < 5 * res.errors[1]
 
 
+def _doublet_full(x):
+    """Free (amp5007, center5007, sigma5007, cont) -> the 7 physical parameters of tied_doublet."""
+    from problems import OIII_RATIO as R, OIII_SEPARATION as SEP
+
+    return jnp.stack([x[0], x[1], x[2], x[0] / R, x[1] - SEP, x[2], x[3]])
+
+
+@pytest.mark.parametrize("name", ["line", "gauss_slope", "two_gauss", "tied_doublet"])
+def test_shared_problems_match_least_squares(name):
+    """The core's known-answer problems (tests/problems.py), bounds from their Parameters."""
+    from problems import PROBLEMS
+
+    prob = PROBLEMS[name]
+    d = prob.sample(seed=4)
+    p = prob.params
+    if name == "tied_doublet":  # ties through a function; cont fixed with lower == upper
+        func = lambda wl, x: prob.func(wl, _doublet_full(x))  # noqa: E731
+        idx = [0, 1, 2, 6]
+        lower, upper = p.lower[idx].copy(), p.upper[idx].copy()
+        lower[3] = upper[3] = p.values[6]
+        spec = {"value": p.values[idx], "name": [p.names[i] for i in idx], "lower": lower, "upper": upper}
+        truth = d.truth[idx]
+    else:
+        func = prob.func
+        spec = {"value": p.values, "name": p.names, "lower": p.lower, "upper": p.upper}
+        truth = d.truth
+    res = SLSQP(tol=1e-8).minimize(chi2_loss(func), spec, args=(d.wavelength, d.flux, d.errors))
+    assert res.converged, res.message
+    free = spec["lower"] < spec["upper"]
+    ref_func = lambda wl, x: func(wl, jnp.asarray(res.values).at[np.flatnonzero(free)].set(x))  # noqa: E731
+    p_ref, cov_ref = least_squares_ref(ref_func, d.wavelength, d.flux, d.errors, np.asarray(spec["value"])[free],
+                                       spec["lower"][free], spec["upper"][free])
+    err_ref = np.sqrt(np.diag(cov_ref))
+    np.testing.assert_allclose(res.values[free], p_ref, atol=1e-3 * err_ref.min())
+    assert np.all(np.abs(res.values[free] - truth[free]) < 5 * err_ref)
+    assert np.all(res.values >= spec["lower"]) and np.all(res.values <= spec["upper"])
+
+
 # ----------------------------------------------------------------------------------------
 # Bounds
 # ----------------------------------------------------------------------------------------
@@ -485,3 +523,16 @@ def test_fitresult_repr_and_fields():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a start inside the bounds warns nothing
         SLSQP().minimize(_loss, {"value": [1.0], "lower": [0.0], "upper": [2.0]})
+
+
+def test_readme_example_runs():
+    """The README's `slsqp` section example runs and converges."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("<!-- section:slsqp -->", 1)[1].split("<!-- /section:slsqp -->", 1)[0]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    ns: dict = {}
+    exec(compile(code, "README.md:slsqp", "exec"), ns)
+    assert ns["res"].converged and ns["polished"].converged
+    np.testing.assert_allclose(ns["polished"].values, ns["true"], atol=5 * ns["polished"].errors.max())
