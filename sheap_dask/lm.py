@@ -114,7 +114,10 @@ class LMResult(NamedTuple):
         :math:`\\max_j |(J^T W r)_j|` at ``x`` (half the gradient of ``cost``; ``W = I`` for
         plain least squares).
     jtj : array (n_free, n_free)
-        Unweighted :math:`J^T J` at ``x``, for :func:`lm_covariance`.
+        Gauss-Newton matrix :math:`J^T W J` at ``x``, for :func:`lm_covariance`: the plain
+        :math:`J^T J` for ``robust=None``; for ``robust="logcosh"`` the IRLS-weighted one, so
+        that down-weighted outliers do not count as information in the errors (the usual
+        final-iteration IRLS covariance).
     damping : scalar
         Final :math:`\\lambda` (relative to ``diag(J^T J)``); a large value at the end means
         the last steps were being rejected.
@@ -135,8 +138,7 @@ class _State(NamedTuple):
     x: jax.Array
     cost: jax.Array
     chi2: jax.Array
-    jtj: jax.Array  # plain J^T J at x
-    jtwj: jax.Array  # J^T W J (= jtj without robust weights)
+    jtwj: jax.Array  # J^T W J (W = I without robust weights)
     grad: jax.Array  # J^T W r
     diag: jax.Array  # running max of diag(J^T W J): Marquardt/MINPACK scaling
     lam: jax.Array
@@ -252,6 +254,14 @@ def levenberg_marquardt(
     ValueError
         ``x0`` is not 1-D or the residual is not a 1-D vector.
 
+    Notes
+    -----
+    Arguments shared by the whole batch need not be copied per problem: give ``vmap`` their
+    axes, e.g. ``jax.vmap(solve1, in_axes=(0, (None, 0, 0)))(x0, (wavelength, flux, w))``.
+    Under ``vmap`` the loop runs until the slowest problem of the batch stops; finished
+    problems keep their values. Cost per iteration is dominated by the Jacobian (n_free
+    forward passes) and the :math:`J^T J` product (n_res * n_free**2 flops).
+
     Examples
     --------
     >>> import jax, jax.numpy as jnp
@@ -321,11 +331,10 @@ def levenberg_marquardt(
     def linearize(x, r):
         """Normal-equation pieces at an accepted point (the only Jacobian evaluation)."""
         J = jac_fn(x)
-        w = weights(r)
-        jtj = J.T @ J
-        jtwj = jtj if robust is None else (J * w[:, None]).T @ J
-        grad = J.T @ (w * r)
-        return jtj, jtwj, grad
+        if robust is None:
+            return J.T @ J, J.T @ r
+        wj = J * weights(r)[:, None]
+        return wj.T @ J, wj.T @ r
 
     def finite(*arrays):
         return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
@@ -333,7 +342,7 @@ def levenberg_marquardt(
     # Start: one residual + one Jacobian evaluation.
     r0 = resid(x0)
     cost0 = cost_of(r0)
-    jtj0, jtwj0, grad0 = linearize(x0, r0)
+    jtwj0, grad0 = linearize(x0, r0)
     ok0 = finite(x0, r0, cost0, jtwj0, grad0)
     gnorm0 = jnp.max(jnp.abs(grad0), initial=0.0)
     status0 = jnp.where(
@@ -345,7 +354,6 @@ def levenberg_marquardt(
         x=x0,
         cost=cost0,
         chi2=jnp.sum(r0 * r0),
-        jtj=jtj0,
         jtwj=jtwj0,
         grad=grad0,
         diag=jnp.diagonal(jtwj0),
@@ -384,9 +392,9 @@ def levenberg_marquardt(
             return linearize(x_t, r_t)
 
         def old_point(_):
-            return st.jtj, st.jtwj, st.grad
+            return st.jtwj, st.grad
 
-        jtj_n, jtwj_n, grad_n = lax.cond(accept, new_point, old_point, None)
+        jtwj_n, grad_n = lax.cond(accept, new_point, old_point, None)
         jac_ok = finite(jtwj_n, grad_n)
         moved = accept & jac_ok
 
@@ -423,7 +431,6 @@ def levenberg_marquardt(
             x=pick(x_t, st.x),
             cost=pick(cost_t, st.cost),
             chi2=pick(jnp.sum(r_t * r_t), st.chi2),
-            jtj=pick(jtj_n, st.jtj),
             jtwj=pick(jtwj_n, st.jtwj),
             grad=pick(grad_n, st.grad),
             diag=pick(jnp.maximum(st.diag, jnp.diagonal(jtwj_n)), st.diag),
@@ -442,7 +449,7 @@ def levenberg_marquardt(
         n_jac=st.n_jac,
         status=st.status,
         grad_norm=jnp.max(jnp.abs(st.grad), initial=0.0),
-        jtj=st.jtj,
+        jtj=st.jtwj,
         damping=st.lam,
     )
 
