@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import sys
 import types
 
@@ -43,7 +44,9 @@ def ingested(sdss_files, tmp_path_factory):
     return store, ds
 
 
+@functools.lru_cache(maxsize=None)
 def _coadd(path):
+    # astropy's full parse of HDU2 (~240 columns) is the slow part: read each file once
     with fits.open(path) as h:
         d = h[1].data
         t = h[2].data
@@ -145,6 +148,15 @@ def test_zarr_round_trip_identical(sdss_files, ingested, tmp_path):
     again = sio.write_zarr(ds, tmp_path / "copy.zarr")
     xr.testing.assert_identical(again.compute(), eager)
     assert again.flux.chunks == ds.flux.chunks
+
+
+def test_process_pool_gives_the_same_result(sdss_files):
+    few = sdss_files[:3]
+    threads = sio.read_sdss_spectra(few, n_jobs=2)
+    procs = sio.read_sdss_spectra(few, n_jobs=1, parallel="processes")  # one spawned worker
+    xr.testing.assert_identical(threads, procs)
+    with pytest.raises(OptionError, match="parallel"):
+        sio.read_sdss_spectra(few, parallel="gpu")
 
 
 def test_ingest_refuses_existing_store(sdss_files, ingested):
