@@ -134,6 +134,8 @@ def test_ingest_chunks_along_spectrum_only(sdss_files, ingested):
     n, nw = ds.sizes["spectrum"], ds.sizes["wavelength"]
     assert ds.flux.chunks == ((CHUNK, CHUNK, n - 2 * CHUNK), (nw,))
     assert ds.ivar.chunks == ds.flux.chunks
+    # coordinates are chunked like the data, so the Dataset has one set of chunks
+    assert ds.chunks["spectrum"] == ds.flux.chunks[0]
     assert ds.flux.dtype == np.float32 and ds.ivar.dtype == np.float32
     assert ds.flux.dims == ("spectrum", "wavelength")
 
