@@ -391,8 +391,20 @@ def _compiled(model, kind: str, key: tuple, n_samples: int, batch_size: int):
     free = np.array([params_spec[nm].free for nm in names], dtype=bool)
     ties = [(names.index(t), names.index(s), op, operand) for t, s, op, operand in params_spec.ties]
 
+    vf = jax.vmap(f)
+
     def batched(flat_p, flat_x):
-        return jax.lax.map(lambda a: f(a[0], a[1]), (flat_p, flat_x), batch_size=batch_size)
+        # Pad to whole batches so every row takes the same (vmapped) code path: lax.map's own
+        # remainder path rounds differently, which would make identical draws differ.
+        n = flat_p.shape[0]
+        b = max(1, min(batch_size, n))
+        nb = -(-n // b)
+        pad = nb * b - n
+        if pad:
+            flat_p = jnp.concatenate([flat_p, jnp.broadcast_to(flat_p[-1:], (pad,) + flat_p.shape[1:])])
+            flat_x = jnp.concatenate([flat_x, jnp.broadcast_to(flat_x[-1:], (pad,))])
+        out = jax.lax.map(lambda a: vf(a[0], a[1]), (flat_p.reshape(nb, b, -1), flat_x.reshape(nb, b)))
+        return {k: v.reshape(nb * b)[:n] for k, v in out.items()}
 
     def values(params, extra):
         return batched(params, extra)
@@ -415,8 +427,11 @@ def _compiled(model, kind: str, key: tuple, n_samples: int, batch_size: int):
             val = val.reshape(n, n_samples)
             fin = jnp.isfinite(val)
             cnt = jnp.sum(fin, axis=1)
-            mean = jnp.sum(jnp.where(fin, val, 0.0), axis=1) / jnp.maximum(cnt, 1)
-            var = jnp.sum(jnp.where(fin, (val - mean[:, None]) ** 2, 0.0), axis=1) / jnp.maximum(cnt - 1, 1)
+            # deviations from one finite draw: identical draws give exactly zero, not rounding
+            ref = jnp.max(jnp.where(fin, val, -jnp.inf), axis=1, keepdims=True)
+            d = jnp.where(fin, val - ref, 0.0)
+            mean = jnp.sum(d, axis=1) / jnp.maximum(cnt, 1)
+            var = jnp.sum(jnp.where(fin, (d - mean[:, None]) ** 2, 0.0), axis=1) / jnp.maximum(cnt - 1, 1)
             res[name] = jnp.where(2 * cnt >= n_samples, jnp.sqrt(var), jnp.nan)
         return res
 
@@ -497,12 +512,17 @@ def _run(model, kind, key, params, params_err, extra, *, n_samples, seed, index,
     if n_samples < 2:
         raise OptionError(f"n_samples={n_samples!r} must be >= 2 (Monte Carlo draws per spectrum).")
     values_fn, errors_fn = _compiled(model, kind, key, n_samples, int(batch_size))
-    pj = jnp.asarray(p)
+    # Pad the rows to a few bucket sizes so chunks of slightly different lengths (the last
+    # one, a subset) reuse the compiled functions; the copies of row 0 are dropped at the end.
+    m = _bucket(n)
+    rows = np.concatenate([np.arange(n), np.zeros(m - n, dtype=int)]) if n else np.zeros(0, dtype=int)
+    pj = jnp.asarray(p[rows])
     dtype = pj.dtype
-    x = jnp.asarray(np.broadcast_to(np.asarray(extra, dtype=np.float64), (n,)), dtype=dtype)
-    vals = {k: np.asarray(v, dtype=np.float64) for k, v in values_fn(pj, x).items()}
-    if n == 0:
-        return {k: (v, v.copy()) for k, v in vals.items()}
+    x = jnp.asarray(np.broadcast_to(np.asarray(extra, dtype=np.float64), (n,))[rows], dtype=dtype)
+    if n == 0:  # an empty chunk: shapes only (evaluate one dummy row for the output names)
+        names = values_fn(jnp.asarray(model.params.values, dtype)[None], jnp.zeros((1,), dtype)).keys()
+        return {k: (np.zeros(0), np.zeros(0)) for k in names}
+    vals = {k: np.asarray(v, dtype=np.float64)[:n] for k, v in values_fn(pj, x).items()}
     if params_err is None:
         errs = {k: np.full(n, np.nan) for k in vals}
     else:
@@ -513,14 +533,22 @@ def _run(model, kind, key, params, params_err, extra, *, n_samples, seed, index,
         if idx.shape != (n,):
             raise OptionError(f"index has shape {idx.shape}; expected ({n},), one global position per spectrum.")
         out = errors_fn(
-            pj, jnp.asarray(e, dtype), jnp.asarray(lo, dtype), jnp.asarray(hi, dtype),
-            jnp.asarray(idx, jnp.uint32), x, jnp.uint32(seed),
+            pj, jnp.asarray(e[rows], dtype), jnp.asarray(lo, dtype), jnp.asarray(hi, dtype),
+            jnp.asarray(idx[rows], jnp.uint32), x, jnp.uint32(seed),
         )  # fmt: skip
-        errs = {k: np.asarray(v, dtype=np.float64) for k, v in out.items()}
+        errs = {k: np.asarray(v, dtype=np.float64)[:n] for k, v in out.items()}
     res = {k: (vals[k], errs[k]) for k in vals}
     if one:
         res = {k: (v[0], e[0]) for k, (v, e) in res.items()}
     return res
+
+
+def _bucket(n: int) -> int:
+    """Smallest allowed row count >= n: at least 8, then multiples of 1/8 of the power of two below."""
+    if n <= 8:
+        return 8
+    q = 2 ** (int(math.log2(n)) - 3)
+    return -(-n // q) * q
 
 
 def _common(kw: dict) -> dict:
@@ -610,7 +638,7 @@ def fwhm(model, line: str, params, params_err=None, **kwargs) -> tuple[np.ndarra
     >>> round(float(value)), round(float(error), 6)
     (3000, 0.0)
     """
-    return measure_line(model, line, params, params_err, continuum=False, **kwargs)["fwhm"]
+    return measure_line(model, line, params, params_err, **kwargs)["fwhm"]
 
 
 def sigma(model, line: str, params, params_err=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
@@ -618,7 +646,7 @@ def sigma(model, line: str, params, params_err=None, **kwargs) -> tuple[np.ndarr
 
     Parameters and keywords as :func:`measure_line`. Returns ``(value, error)``.
     """
-    return measure_line(model, line, params, params_err, continuum=False, **kwargs)["sigma"]
+    return measure_line(model, line, params, params_err, **kwargs)["sigma"]
 
 
 def line_flux(model, line: str, params, params_err=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
@@ -626,7 +654,7 @@ def line_flux(model, line: str, params, params_err=None, **kwargs) -> tuple[np.n
 
     Parameters and keywords as :func:`measure_line`. Returns ``(value, error)``.
     """
-    return measure_line(model, line, params, params_err, continuum=False, **kwargs)["flux"]
+    return measure_line(model, line, params, params_err, **kwargs)["flux"]
 
 
 def ew(model, line: str, params, params_err=None, *, continuum=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
@@ -637,6 +665,7 @@ def ew(model, line: str, params, params_err=None, *, continuum=None, **kwargs) -
     """
     if continuum is False:
         raise OptionError("ew(continuum=False) is meaningless; pass continuum component names or None.")
+    continuum_names(model, continuum)  # a clear error when the model defines no continuum
     return measure_line(model, line, params, params_err, continuum=continuum, **kwargs)["ew"]
 
 
@@ -649,7 +678,7 @@ def shift(model, line: str, params, params_err=None, *, method: str = "peak", **
     """
     if method not in SHIFT_METHODS:
         raise OptionError(f"shift(method={method!r}) is unknown; use one of {', '.join(SHIFT_METHODS)}.")
-    return measure_line(model, line, params, params_err, continuum=False, median=method == "median", **kwargs)[
+    return measure_line(model, line, params, params_err, median=method == "median", **kwargs)[
         f"shift_{method}"
     ]
 
@@ -818,9 +847,7 @@ def line_luminosity(
     n_grid = kwargs.pop("n_grid", DEFAULT_N_GRID)
     p, one = _as_params(model, params)
     log_factor = _log_lum_factor(redshift, p.shape[0], flux_unit, H0, Om0)
-    val, err = measure_line(
-        model, line, p, params_err, continuum=False, velocity_range=velocity_range, n_grid=n_grid, **kwargs
-    )["flux"]
+    val, err = measure_line(model, line, p, params_err, velocity_range=velocity_range, n_grid=n_grid, **kwargs)["flux"]
     factor = 10.0**log_factor
     val, err = val * factor, err * factor
     return (val[0], err[0]) if one else (val, err)
