@@ -320,7 +320,6 @@ def _parse_params(params: Any, init: FitResult | None) -> _ParamSpec:
     if moved:
         msg = "; ".join(f"{k}: {a:.6g} -> {b:.6g}" for k, (a, b) in moved.items())
         warnings.warn(f"SLSQP: initial value(s) outside their bounds moved inside: {msg}", UserWarning, stacklevel=3)
-        logger.warning("initial value(s) outside their bounds moved inside: %s", msg)
     return _ParamSpec(values, list(names), lower, upper, step, moved)
 
 
@@ -347,7 +346,13 @@ class _Compiled:
 
         def full_loss(x_free, base, free_idx, *args):
             x = base.at[free_idx].set(x_free)
-            return jnp.asarray(ref()(x, *args)).reshape(())
+            out = jnp.asarray(ref()(x, *args))
+            if out.size != 1:  # checked while tracing, so once per compilation
+                raise OptionError(
+                    f"loss must return a scalar, got an array of shape {out.shape}; sum or average the "
+                    "per-pixel terms inside the loss."
+                )
+            return out.reshape(())
 
         self.value_and_grad = jax.jit(jax.value_and_grad(full_loss))
         self.hessian = jax.jit(jax.hessian(full_loss))
@@ -851,6 +856,8 @@ class SLSQP:
             x_scale = np.ones(n_free)
             x_scale[ok] = 1.0 / np.sqrt(d[ok])
         evaluator.scale, evaluator.x_scale = scale, x_scale
+        if self.verbosity >= 6:
+            logger.debug("start: f=%.10g edm=%.3g scale=%.3g x_scale=%s", f0, edm, scale, np.array2string(x_scale, precision=3))
         evaluator._best_y = evaluator.to_y(x_free)
         info["scale"], info["x_scale"] = scale, x_scale.copy()
         ftol = 0.1 * self.tol * errordef * scale
