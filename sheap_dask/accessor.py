@@ -307,11 +307,12 @@ class SheapAccessor:
         else:
             z = xr.zeros_like(index, dtype=np.float64)
         k = len(names)
-        args = [params, index, z] + ([err] if err is not None else [])
-        core = [["param"], [], []] + ([["param"]] if err is not None else [])
+        lower, upper = self._bounds()
+        args = [params, index, z, lower, upper] + ([err] if err is not None else [])
+        core = [["param"], [], [], ["param"], ["param"]] + ([["param"]] if err is not None else [])
 
-        def block(p, idx, zz, *e):
-            return compute(p, e[0] if e else None, idx, zz)
+        def block(p, idx, zz, lo, hi, *e):
+            return compute(p, e[0] if e else None, idx, zz, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64))
 
         out = xr.apply_ufunc(
             block,
@@ -377,20 +378,27 @@ class SheapAccessor:
         }  # fmt: skip
         attrs = [self._line_attrs(q, line) for q in keys]
         cont = continuum if has_cont else False
-        lower, upper = self._bounds()
 
-        def compute(p, e, idx, z):
+        def compute(p, e, idx, z, lower, upper):
             res = derived.measure_line(model, line, p, e, continuum=cont, index=idx, lower=lower, upper=upper, **options)
             return _stack([res[q] for q in keys])
 
-        out = self._derived(compute, [names[q] for q in keys], attrs, errors=True)
-        return out if errors else out[[names[q] for q in keys]]
+        out = self._derived(compute, [names[q] for q in keys], attrs, errors=errors)
+        return out if errors else xr.Dataset({da.name: da for da in out})
 
     def _bounds(self):
+        """Parameter bounds as (param,) DataArrays (lazy when the result is): the model's when absent."""
         ds = self._ds
-        lower = np.asarray(ds["param_min"].values, dtype=np.float64) if "param_min" in ds.coords else None
-        upper = np.asarray(ds["param_max"].values, dtype=np.float64) if "param_max" in ds.coords else None
-        return lower, upper
+        model = self.get_model()
+        out = []
+        for name, default in (("param_min", model.params.lower), ("param_max", model.params.upper)):
+            if name in ds.variables:
+                da = ds[name].astype(np.float64)
+                da = da.chunk({"param": -1}) if da.chunks else da
+            else:
+                da = xr.DataArray(np.asarray(default, dtype=np.float64), dims=("param",))
+            out.append(da.drop_vars([c for c in da.coords]))
+        return out[0], out[1]
 
     def _line_attrs(self, quantity: str, line: str) -> dict:
         try:
@@ -414,14 +422,13 @@ class SheapAccessor:
 
         model = self.get_model()
         derived.line_info(model, line)
-        lower, upper = self._bounds()
         name = {"shift_peak": "shift", "shift_centroid": "shift", "shift_median": "shift"}.get(quantity, quantity)
         attrs = self._line_attrs(quantity, line)
 
-        def compute(p, e, idx, z):
+        def compute(p, e, idx, z, lower, upper):
             res = derived.measure_line(
                 model, line, p, e, index=idx, lower=lower, upper=upper,
-                continuum=extra.get("continuum") if quantity == "ew" else False,
+                continuum=extra.get("continuum"),
                 median=quantity == "shift_median", **options,
             )  # fmt: skip
             return _stack([res[quantity]])
@@ -522,7 +529,6 @@ class SheapAccessor:
         model = self.get_model()
         derived.continuum_names(model, continuum)
         unit = self._flux_unit_for(flux_unit)
-        lower, upper = self._bounds()
         tag = f"{float(wavelength):g}"
         if quantity == "lambda_l_lambda":
             name, units, long_name = f"lambda_l_lambda_{tag}", "erg/s", f"continuum lambda L_lambda at {tag} Angstrom (rest)"
@@ -534,7 +540,7 @@ class SheapAccessor:
             name, units = "log_" + name, f"log10({units})"
         attrs = {"long_name": long_name, "units": units, **self._cosmo_attrs(H0, Om0, unit)}
 
-        def compute(p, e, idx, z):
+        def compute(p, e, idx, z, lower, upper):
             v, s = derived.luminosity(
                 model, wavelength, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, quantity=quantity,
                 continuum=continuum, index=idx, lower=lower, upper=upper, **options,
@@ -564,13 +570,12 @@ class SheapAccessor:
         model = self.get_model()
         derived.line_info(model, line)
         unit = self._flux_unit_for(flux_unit)
-        lower, upper = self._bounds()
         name, units = f"luminosity_{line}", "erg/s"
         if log:
             name, units = "log_" + name, "log10(erg/s)"
         attrs = {"long_name": f"luminosity of {line}", "units": units, **self._cosmo_attrs(H0, Om0, unit)}
 
-        def compute(p, e, idx, z):
+        def compute(p, e, idx, z, lower, upper):
             v, s = derived.line_luminosity(
                 model, line, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, index=idx, lower=lower, upper=upper, **options
             )
@@ -611,7 +616,6 @@ class SheapAccessor:
         if r.luminosity == "continuum":
             derived.continuum_names(model, continuum)
         unit = self._flux_unit_for(flux_unit)
-        lower, upper = self._bounds()
         attrs = {
             "long_name": f"single-epoch black-hole mass ({recipe})",
             "units": "log10(M/M_sun)",
@@ -620,7 +624,7 @@ class SheapAccessor:
             **self._cosmo_attrs(H0, Om0, unit),
         }
 
-        def compute(p, e, idx, z):
+        def compute(p, e, idx, z, lower, upper):
             v, s = derived.bh_mass(
                 model, recipe, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, continuum=continuum,
                 index=idx, lower=lower, upper=upper, **options,
