@@ -49,7 +49,7 @@ __all__ = [
     "powerlaw",
     "polynomial",
     "balmer_continuum",
-    "feii",
+    "feii_component",
     "compose",
     "region",
     "REGIONS",
@@ -59,12 +59,12 @@ __all__ = [
     "rest_wavelength",
     "profiles",
     "continuum",
-    "feii_templates",
+    "feii",
 ]
 
 profiles = _profiles
 continuum = _continuum
-feii_templates = _feii
+feii = _feii  # the module (templates); the component factory is feii_component
 
 
 @dataclass(frozen=True)
@@ -267,7 +267,7 @@ def balmer_continuum(
     return Component(name, "balmer_continuum", func, specs, continuum=True)
 
 
-def feii(
+def feii_component(
     name: str = "feii",
     *,
     template="optical",
@@ -359,7 +359,7 @@ def compose(
     seen: set[str] = set()
     for c in components:
         if not isinstance(c, Component):
-            raise ModelError(f"compose(): {c!r} is not a Component; build one with sd.models.line/powerlaw/feii/...")
+            raise ModelError(f"compose(): {c!r} is not a Component; build one with sd.models.line/powerlaw/feii_component/...")
         if c.name in seen:
             raise ModelError(f"compose(): duplicate component name {c.name!r}; every component needs a unique name.")
         seen.add(c.name)
@@ -395,6 +395,10 @@ def compose(
         total = jnp.zeros(wavelength.shape, jnp.result_type(wavelength, p, float))
         for fn, idx, rest in group_list:
             # idx: (n_local, n_lines); each row gathers one local parameter for all lines
+            if fn is _profiles.gaussian and wavelength.ndim == 1:
+                # analytic-JVP sum: cheap forward-mode Jacobians inside the solvers
+                total = total + _profiles.gaussian_sum(wavelength, *[p[row] for row in idx], rest[:, 0])
+                continue
             local = [p[row][:, None] for row in idx]
             total = total + jnp.sum(fn(wavelength[None, :], *local, rest.astype(total.dtype)), axis=0)
         for fn, idx in others:

@@ -92,7 +92,7 @@ def _same_kinematics(target: str, source: str) -> list[str]:
 
 
 def _build_hbeta(spec, n_broad, feii, share_narrow, balmer, feii_template, window):
-    from . import feii as feii_c
+    from . import feii_component as feii_c
     from . import line, powerlaw
 
     comps = [powerlaw(ref_wavelength=spec.ref_wavelength)]
@@ -130,7 +130,7 @@ def _build_halpha(spec, n_broad, feii, share_narrow, balmer, feii_template, wind
 
 def _build_mgii(spec, n_broad, feii, share_narrow, balmer, feii_template, window):
     from . import balmer_continuum, powerlaw
-    from . import feii as feii_c
+    from . import feii_component as feii_c
 
     comps = [powerlaw(ref_wavelength=spec.ref_wavelength)]
     if balmer:
@@ -450,12 +450,12 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             if c.name in best["fwhm"]:
                 out[:, pos_of[f"{c.name}_fwhm"]] = best["fwhm"][c.name]
                 out[:, pos_of[f"{c.name}_shift"]] = nshift if c.line_kind == "narrow" else 0.0
+        bad = ~good.any(axis=1)  # spectra without data keep the defaults
+        out[bad] = np.asarray(params.values)[None].repeat(bad.sum(), 0)
         # tied parameters follow their sources
         for t, s, op, operand in params.ties:
             v = out[:, pos_of[s]]
             out[:, pos_of[t]] = {"*": v * operand, "/": v / operand, "+": v + operand, "-": v - operand}[op]
-        bad = ~good.any(axis=1)
-        out[bad] = np.asarray(params.values)[None].repeat(bad.sum(), 0)
         return out
 
     return initializer
