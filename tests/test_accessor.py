@@ -296,6 +296,7 @@ def test_missing_model_and_spectra_errors_say_how_to_link(spectra):
         no_z.sheap.luminosity(5100)
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata")
 def test_model_found_by_fingerprint_registry_and_spectra_by_sheap_input(tmp_path, spectra):
     model = small_model()
     model.metadata["note"] = "registered"
@@ -303,7 +304,7 @@ def test_model_found_by_fingerprint_registry_and_spectra_by_sheap_input(tmp_path
     ds = make_fits(model=model)
     assert ds.sheap.get_model() is model
     path = tmp_path / "input.zarr"
-    spectra.to_zarr(path, consolidated=False)
+    spectra.to_zarr(path)
     ds.attrs["sheap_input"] = str(path)
     r = ds.sheap.residuals()
     np.testing.assert_allclose(r.values, make_fits().sheap.use(model=MODEL, spectra=spectra).residuals().values, equal_nan=True)
