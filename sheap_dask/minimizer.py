@@ -241,8 +241,40 @@ def _solve_lbfgs(problem: SolveProblem, raw0, args) -> SolveOutput:
     return _iterate(problem, raw0, args, opt.init, step)
 
 
+def _solve_lm(problem: SolveProblem, raw0, args) -> SolveOutput:
+    """Levenberg-Marquardt on the weighted residuals (robust IRLS for ``loss_kind="logcosh"``).
+
+    It minimises the data term only (sum of squared, or log-cosh, residuals): the seed's
+    curvature, smoothness, max and penalty terms need adam or lbfgs. ``num_steps`` is the
+    iteration budget; the loss history holds the final cost after the last iteration.
+    """
+    import jax.numpy as jnp
+
+    from .lm import levenberg_marquardt
+
+    opts = problem.options
+    res = levenberg_marquardt(
+        lambda r: problem.residuals(r, args),
+        raw0,
+        max_iter=problem.num_steps,
+        ftol=opts["rtol"],
+        xtol=opts["xtol"],
+        gtol=opts["gtol"],
+        robust="logcosh" if opts["loss_kind"] == "logcosh" else None,
+        robust_scale=opts["robust_scale"],
+    )
+    history = jnp.full((problem.num_steps,), res.cost, dtype=res.cost.dtype)
+    return SolveOutput(res.x, res.cost, history, res.n_iter.astype(jnp.int32), res.status.astype(jnp.int8), res.grad_norm)
+
+
 register_solver("adam", _solve_adam, description="optax.adam, fixed learning rate (default 1e-2)")
 register_solver("lbfgs", _solve_lbfgs, description="optax.lbfgs with its zoom line search")
+register_solver(
+    "lm",
+    _solve_lm,
+    defaults={"rtol": 1e-8, "gtol": 1e-10, "xtol": 1e-8, "robust_scale": 1.0},
+    description="batched Levenberg-Marquardt with exact JAX Jacobians (robust IRLS for log-cosh)",
+)
 
 
 @dataclass(frozen=True)
@@ -581,7 +613,7 @@ class Minimizer:
                 where = tuple(int(i) for i in bad[0])
                 name = params.names[where[-1]]
                 raise ParameterSpecError(
-                    f"constraints for parameter {name!r} (index {where}) have lower={lo[where]!r} > upper={hi[where]!r}; "
+                    f"constraints for parameter {name!r} (index {where}) have lower={float(lo[where])!r} > upper={float(hi[where])!r}; "
                     "each row must be (lower, upper) with lower <= upper."
                 )
         if not np.all(np.isfinite(init)):
