@@ -255,7 +255,7 @@ def synthetic_spectra(
         Per-spectrum S/N per pixel at the continuum reference wavelength, drawn uniformly.
     wavelength : array, optional
         Own 1-D wavelength grid (Angstrom). Default: the SDSS grid over the region window
-        (H-beta: 4400-5600 A rest frame, 1048 pixels).
+        (H-beta: 4400-5600 A rest frame, 1047 pixels).
     redshift : float, (low, high) or array, optional
         Put the spectra in the observed frame: a ``redshift`` coordinate is added, the grid
         covers every spectrum's window (pixels outside a spectrum's rest window get
@@ -284,7 +284,7 @@ def synthetic_spectra(
     >>> import sheap_dask as sd
     >>> ds = sd.synthetic.synthetic_spectra(8, seed=1)
     >>> ds.flux.shape, ds.true_params.sizes["param"]
-    ((8, 1048), 23)
+    ((8, 1047), 23)
     """
     import xarray as xr
 
