@@ -37,8 +37,10 @@ LINES: dict[str, float] = {
 #: 2000, MNRAS 312, 813): 2.98. Energy-flux ratio differs by 4960/5008 (< 1%); the usual
 #: convention (and ours) applies 2.98 to the line fluxes.
 OIII_RATIO = 2.98
-#: [NII] 6584/6548 flux ratio from the transition probabilities (Acker et al. 1989; Storey &
-#: Zeippen 2000 give 2.94-3.05; 3.0 is the convention adopted, e.g., by Greene & Ho 2005).
+#: [NII] 6584/6548 flux ratio: both lines come from the same upper level (1D2), so the ratio
+#: is fixed by the ratio of transition probabilities, ~3 (Osterbrock & Ferland 2006, AGN^2;
+#: Storey & Zeippen 2000 give 2.9-3.0); 3.0 is the value conventionally adopted in quasar
+#: fits (e.g. Greene & Ho 2005, ApJ 630, 122).
 NII_RATIO = 3.0
 
 
