@@ -1,0 +1,568 @@
+"""The chunk layer: one block of spectra in (numpy), result arrays out (numpy).
+
+Everything a Dask worker does for one chunk lives here, so it is testable without a cluster:
+
+1. put spectra in the rest frame (``redshift``) and build the pixel mask (non-finite flux,
+   ``ivar <= 0``, outside the model's window);
+2. screen spectra: too few usable pixels -> status ``no_data``, never sent to the solver
+   (one all-NaN spectrum in a vmapped batch slows the whole batch down);
+3. one jit(vmap) :class:`~sheap_dask.minimizer.Minimizer` call over the chunk, padded to a
+   common batch size so chunks of one dataset share one compiled program;
+4. re-fit spectra that failed (non-finite, unconverged, or reduced chi-square far above the
+   chunk's median) one by one with :class:`~sheap_dask.slsqp.SLSQP`, keeping the better fit;
+5. chi-square, degrees of freedom and parameter errors from the covariance at the optimum.
+
+Compiled programs are cached per process, keyed by the model's fingerprint, the options and
+the shapes: a worker compiles once and reuses the program for every later chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from . import config
+from .errors import InputDataError, OptionError
+from .status import Status
+
+logger = logging.getLogger("sheap_dask.chunk")
+
+__all__ = ["ChunkOptions", "fit_chunk", "compile_stats", "RESULT_VARIABLES"]
+
+METHODS = ("lm", "adam", "lbfgs")
+FALLBACKS = ("slsqp", "none")
+LOSS_KINDS = ("logcosh", "chi2")
+ERROR_SCALES = ("absolute", "redchi2")
+
+# name -> (dims beyond "spectrum", numpy dtype); the Dataset layer builds its outputs from this.
+RESULT_VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
+    "params": (("param",), "float64"),
+    "params_err": (("param",), "float64"),
+    "loss": ((), "float64"),
+    "chi2": ((), "float64"),
+    "dof": ((), "int32"),
+    "redchi2": ((), "float64"),
+    "status": ((), "int8"),
+    "method": ((), "<U8"),
+    "n_iter": ((), "int32"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkOptions:
+    """Every option of the chunk layer; ``None`` fields are filled from ``dask.config``.
+
+    Frozen and hashable: it is part of the compile-cache key and is stored in result attrs.
+    See ``sheap_dask.yaml`` for the meaning and default of each field.
+    """
+
+    method: str | None = None
+    num_steps: int | None = None
+    learning_rate: float | None = None
+    lbfgs_options: tuple = ()
+    loss_kind: str | None = None
+    robust_scale: float | None = None
+    weighted: bool | None = None
+    penalty_weight: float | None = None
+    curvature_weight: float | None = None
+    smoothness_weight: float | None = None
+    max_weight: float | None = None
+    rtol: float | None = None
+    gtol: float | None = None
+    fallback: str | None = None
+    fallback_tol: float | None = None
+    fallback_maxiter: int | None = None
+    redchi2_factor: float | None = None
+    redchi2_floor: float | None = None
+    pinned_fraction: float | None = None
+    error_scale: str | None = None
+    min_extra_pixels: int | None = None
+    return_history: bool | None = None
+    dtype: str | None = None
+
+    _CONFIG_KEYS = {
+        "method": "fit.method",
+        "learning_rate": "fit.learning_rate",
+        "loss_kind": "loss.kind",
+        "robust_scale": "loss.robust_scale",
+        "weighted": "loss.weighted",
+        "penalty_weight": "loss.penalty_weight",
+        "curvature_weight": "loss.curvature_weight",
+        "smoothness_weight": "loss.smoothness_weight",
+        "max_weight": "loss.max_weight",
+        "rtol": "convergence.rtol",
+        "gtol": "convergence.gtol",
+        "fallback": "fallback.method",
+        "fallback_tol": "fallback.tol",
+        "fallback_maxiter": "fallback.maxiter",
+        "redchi2_factor": "fallback.redchi2_factor",
+        "redchi2_floor": "fallback.redchi2_floor",
+        "pinned_fraction": "fallback.pinned_fraction",
+        "error_scale": "errors.scale",
+        "min_extra_pixels": "screen.min_extra_pixels",
+        "return_history": "fit.return_history",
+        "dtype": "fit.dtype",
+    }
+
+    def resolved(self) -> ChunkOptions:
+        """A copy with every ``None`` replaced by its configured default, validated."""
+        values = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None and field.name in self._CONFIG_KEYS:
+                value = config.get(self._CONFIG_KEYS[field.name])
+            values[field.name] = value
+        method = values["method"]
+        if values["num_steps"] is None:
+            values["num_steps"] = config.get("fit.lm_max_iter") if method == "lm" else config.get("fit.num_steps")
+        if isinstance(values["lbfgs_options"], Mapping):
+            values["lbfgs_options"] = tuple(sorted(values["lbfgs_options"].items()))
+        if values["fallback"] is None or values["fallback"] is False:
+            values["fallback"] = "none"
+        out = ChunkOptions(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("fallback", self.fallback, FALLBACKS)
+        _check_choice("loss_kind", self.loss_kind, LOSS_KINDS)
+        _check_choice("error_scale", self.error_scale, ERROR_SCALES)
+        _check_choice("dtype", self.dtype, ("float32", "float64"))
+        if not (isinstance(self.num_steps, (int, np.integer)) and self.num_steps > 0):
+            raise OptionError(f"num_steps={self.num_steps!r} must be a positive integer, e.g. num_steps=1000.")
+        if self.learning_rate is not None and not (float(self.learning_rate) > 0):
+            raise OptionError(f"learning_rate={self.learning_rate!r} must be > 0 (or None for the default 1e-2).")
+        if not float(self.robust_scale) > 0:
+            raise OptionError(f"robust_scale={self.robust_scale!r} must be > 0 (in units of sigma, e.g. 3).")
+
+    def to_dict(self) -> dict:
+        """JSON-serializable options (stored in result attrs and compared on resume)."""
+        d = dataclasses.asdict(self)
+        d["lbfgs_options"] = dict(self.lbfgs_options)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise OptionError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}; pick one of those.")
+
+
+# --------------------------------------------------------------------------------------
+# Per-process cache of compiled programs: one entry per (model, options).
+# --------------------------------------------------------------------------------------
+_CACHE: dict[tuple, _CompiledModel] = {}
+_CACHE_LOCK = threading.Lock()
+_STATS = {"solver_builds": 0, "traces": 0}
+
+
+def compile_stats() -> dict:
+    """Counts of compiled-program builds and traces in this process (for tests/benchmarks).
+
+    ``traces`` counts how often the batched solve or the post-processing was traced by JAX;
+    it does not grow when later chunks reuse the programs.
+    """
+    return dict(_STATS)
+
+
+class _CompiledModel:
+    """The jitted programs of one (model, options) pair, reused for every chunk."""
+
+    def __init__(self, model, options: ChunkOptions, penalty_function=None):
+        import jax
+        import jax.numpy as jnp
+
+        from .loss import weighted_residuals
+        from .minimizer import Minimizer
+
+        self.model = model
+        self.options = options
+        params = model.params
+        self.names = list(params.names)
+        self.n_params = len(self.names)
+        self.lower = np.asarray(params.lower, dtype=np.float64)
+        self.upper = np.asarray(params.upper, dtype=np.float64)
+        self.free_index = np.array([self.names.index(n) for n in params.free_names], dtype=int)
+        self.n_free = len(self.free_index)
+        self.embed_matrix, self.embed_fixed_mask = _embedding(params)
+
+        extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind}
+        if options.method == "lm":
+            extra["robust_scale"] = options.robust_scale
+        self.minimizer = Minimizer(
+            model.func,
+            non_optimize_in_axis=4,
+            num_steps=int(options.num_steps),
+            learning_rate=options.learning_rate,
+            weighted=bool(options.weighted),
+            method=options.method,
+            lbfgs_options=dict(options.lbfgs_options) or None,
+            penalty_function=penalty_function,
+            param_converter=params,
+            penalty_weight=options.penalty_weight,
+            curvature_weight=options.curvature_weight,
+            smoothness_weight=options.smoothness_weight,
+            max_weight=options.max_weight,
+            **extra,
+        )
+        func = model.func
+        embed = jnp.asarray(self.embed_matrix)
+
+        def residuals(phys, wavelength, flux, errors):
+            return weighted_residuals(func, phys, wavelength, flux, errors)
+
+        def post_one(phys, wavelength, flux, errors):
+            _STATS["traces"] += 1  # runs at trace time only
+            r = residuals(phys, wavelength, flux, errors)
+            jac_full = jax.jacfwd(residuals)(phys, wavelength, flux, errors)  # (n_pix, n_params)
+            jac_free = jac_full @ embed.astype(jac_full.dtype)  # ties/fixed folded in
+            return jnp.sum(r * r), jac_free.T @ jac_free
+
+        self._post = jax.jit(jax.vmap(post_one, in_axes=(0, None, 0, 0)))
+        self._post_2d = jax.jit(jax.vmap(post_one, in_axes=(0, 0, 0, 0)))
+
+        def chi2_free(x_free, fixed_values, wavelength, flux, errors):
+            phys = fixed_values + embed.astype(x_free.dtype) @ x_free
+            r = residuals(phys, wavelength, flux, errors)
+            return jnp.sum(r * r)
+
+        chi2_free.errordef = 1.0
+        self.chi2_free = chi2_free  # one function object: SLSQP caches its compiled gradient
+        self._slsqp = None
+
+    def post(self, phys, wavelength, flux, errors):
+        fn = self._post_2d if np.ndim(wavelength) == 2 else self._post
+        chi2, jtj = fn(phys, wavelength, flux, errors)
+        return np.asarray(chi2, dtype=np.float64), np.asarray(jtj, dtype=np.float64)
+
+    def slsqp(self):
+        if self._slsqp is None:
+            from .slsqp import SLSQP
+
+            self._slsqp = SLSQP(tol=self.options.fallback_tol, maxiter=self.options.fallback_maxiter)
+        return self._slsqp
+
+
+def _embedding(params) -> tuple[np.ndarray, np.ndarray]:
+    """Linear map from free physical parameters to all physical parameters.
+
+    Ties are affine in their source (``target = source OP c``), fixed values are constants,
+    so ``phys = fixed + E @ free`` with ``E`` (n_params, n_free). Used for the covariance of
+    tied parameters and for the SLSQP fallback, which works in physical units.
+    """
+    names = list(params.names)
+    free = list(params.free_names)
+    E = np.zeros((len(names), len(free)))
+    for j, name in enumerate(free):
+        E[names.index(name), j] = 1.0
+    for target, source, op, operand in params.ties:
+        factor = {"*": operand, "/": 1.0 / operand, "+": 1.0, "-": 1.0}[op]
+        E[names.index(target)] = E[names.index(source)] * factor
+    fixed_mask = ~np.any(E != 0, axis=1)
+    return E, fixed_mask
+
+
+def _tie_offsets(params, phys_full: np.ndarray) -> np.ndarray:
+    """``phys - E @ free``: the fixed values and additive tie offsets, per spectrum."""
+    names = list(params.names)
+    offsets = np.zeros_like(phys_full)
+    _, fixed_mask = _embedding(params)
+    offsets[:, fixed_mask] = phys_full[:, fixed_mask]
+    for target, _source, op, operand in params.ties:
+        if op in "+-":
+            offsets[:, names.index(target)] = operand if op == "+" else -operand
+    return offsets
+
+
+def _get_compiled(model, options: ChunkOptions, penalty_function=None) -> _CompiledModel:
+    key = (model.fingerprint(), options, id(penalty_function) if penalty_function else None)
+    with _CACHE_LOCK:
+        compiled = _CACHE.get(key)
+        if compiled is None:
+            compiled = _CompiledModel(model, options, penalty_function)
+            _CACHE[key] = compiled
+            _STATS["solver_builds"] += 1
+    return compiled
+
+
+# --------------------------------------------------------------------------------------
+# The chunk function
+# --------------------------------------------------------------------------------------
+def fit_chunk(
+    model,
+    wavelength: np.ndarray,
+    flux: np.ndarray,
+    ivar: np.ndarray,
+    *,
+    redshift: np.ndarray | None = None,
+    init: np.ndarray | None = None,
+    options: ChunkOptions | None = None,
+    pad_to: int | None = None,
+    penalty_function=None,
+) -> dict[str, np.ndarray]:
+    """Fit one block of spectra; numpy in, numpy out.
+
+    Parameters
+    ----------
+    model : Model
+        The model to fit.
+    wavelength : ndarray
+        Observed-frame wavelength in Angstrom, (n_pix,) shared or (n_spectra, n_pix).
+    flux, ivar : ndarray
+        (n_spectra, n_pix) flux density and inverse variance. ``ivar <= 0``, non-finite
+        ``ivar`` or non-finite flux masks a pixel.
+    redshift : ndarray, optional
+        (n_spectra,) redshifts: the model is fitted in the rest frame
+        (wavelength / (1 + z), flux * (1 + z), ivar / (1 + z)^2), so line fluxes are
+        observed integrated fluxes. ``None`` means the input is already rest frame.
+    init : ndarray, optional
+        (n_spectra, n_params) physical initial values; NaN entries fall back to the model's
+        data-driven estimate. Default: the model's initializer (or its parameter values).
+    options : ChunkOptions, optional
+        Solver, loss, fallback and error options; defaults from ``dask.config``.
+    pad_to : int, optional
+        Batch size of the compiled solve. A short last chunk is padded up to it so it reuses
+        the program compiled for the full chunks. Default: the number of spectra.
+    penalty_function : callable, optional
+        Extra penalty term passed to the loss (see :func:`~sheap_dask.loss.build_loss_function`).
+
+    Returns
+    -------
+    dict of ndarray
+        ``params``, ``params_err`` (n_spectra, n_params); ``loss``, ``chi2``, ``dof``,
+        ``redchi2``, ``status`` (int8 :class:`~sheap_dask.status.Status` codes), ``method``,
+        ``n_iter`` (n_spectra,); and ``loss_history`` (n_spectra, num_steps) when
+        ``options.return_history``.
+    """
+    import jax
+
+    options = (options or ChunkOptions()).resolved()
+    dtype = np.dtype(options.dtype)
+    flux = np.asarray(flux)
+    ivar = np.asarray(ivar)
+    if flux.ndim != 2 or ivar.shape != flux.shape:
+        raise InputDataError(
+            f"fit_chunk needs flux and ivar of the same shape (n_spectra, n_pix); got flux {flux.shape}, ivar {ivar.shape}."
+        )
+    n_spec, n_pix = flux.shape
+    wavelength = np.asarray(wavelength, dtype=np.float64)
+    if wavelength.shape not in ((n_pix,), (n_spec, n_pix)):
+        raise InputDataError(
+            f"fit_chunk: wavelength shape {wavelength.shape} matches neither (n_pix,) = ({n_pix},) nor flux {flux.shape}."
+        )
+    batch = max(int(pad_to or n_spec), n_spec)
+    compiled = _get_compiled(model, options, penalty_function)
+    n_params, n_free = compiled.n_params, compiled.n_free
+
+    with np.errstate(all="ignore"):
+        wl, flux, ivar, z_ok = _to_rest_frame(wavelength, flux.astype(np.float64), ivar.astype(np.float64), redshift)
+        usable = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+        if model.window is not None:
+            usable &= (wl >= model.window[0]) & (wl <= model.window[1])
+        n_usable = usable.sum(axis=1)
+        good = z_ok & (n_usable >= n_free + int(options.min_extra_pixels))
+        errors = np.where(usable, 1.0 / np.sqrt(np.where(usable, ivar, 1.0)), np.inf)
+        clean_flux = np.where(usable, flux, 0.0)
+
+    out = _empty_result(n_spec, n_params, options)
+    out["dof"][:] = np.maximum(n_usable - n_free, 0)
+    good_idx = np.flatnonzero(good)
+    if good_idx.size == 0:
+        logger.info("chunk of %d spectra: none has usable pixels", n_spec)
+        return out
+
+    start = _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx)
+
+    # The batch holds the good spectra only, padded with copies of the first one: bad
+    # spectra never enter the vmapped solve and every chunk has the same compiled shape.
+    take = np.concatenate([good_idx, np.full(batch - good_idx.size, good_idx[0])])
+    wl_b = wl[take] if wl.ndim == 2 else wl
+    constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
+    with jax.enable_x64(options.dtype == "float64"):
+        result = compiled.minimizer.run(
+            start[take].astype(dtype),
+            clean_flux[take].astype(dtype),
+            wl_b.astype(dtype),
+            errors[take].astype(dtype),
+            constraints.astype(dtype),
+        )
+        params_b = np.asarray(result.params, dtype=np.float64)
+        chi2_b, jtj_b = compiled.post(
+            params_b.astype(dtype), wl_b.astype(dtype), clean_flux[take].astype(dtype), errors[take].astype(dtype)
+        )
+    sel = slice(0, good_idx.size)
+    out["params"][good_idx] = params_b[sel]
+    out["loss"][good_idx] = np.asarray(result.loss, dtype=np.float64)[sel]
+    out["chi2"][good_idx] = chi2_b[sel]
+    out["status"][good_idx] = np.asarray(result.status, dtype=np.int8)[sel]
+    out["n_iter"][good_idx] = np.asarray(result.n_iter, dtype=np.int32)[sel]
+    out["method"][good_idx] = options.method
+    if options.return_history:
+        out["loss_history"][good_idx] = np.asarray(result.loss_history, dtype=np.float64)[sel]
+    jtj = np.full((n_spec, n_free, n_free), np.nan)
+    jtj[good_idx] = jtj_b[sel]
+
+    with np.errstate(all="ignore"):
+        out["redchi2"] = out["chi2"] / np.where(out["dof"] > 0, out["dof"], np.nan)
+        nonfinite = good & ~(np.all(np.isfinite(out["params"]), axis=1) & np.isfinite(out["chi2"]))
+    out["status"][nonfinite] = Status.NONFINITE
+
+    if options.fallback == "slsqp":
+        retry = _fallback_candidates(out, good, compiled, options)
+        if retry.size:
+            _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, options)
+
+    out["params_err"] = _parameter_errors(jtj, compiled, out, options)
+    return out
+
+
+def _to_rest_frame(wavelength, flux, ivar, redshift):
+    """Observed -> rest frame; spectra with a non-finite or <= -1 redshift are flagged."""
+    n_spec = flux.shape[0]
+    if redshift is None:
+        return wavelength, flux, ivar, np.ones(n_spec, dtype=bool)
+    z = np.asarray(redshift, dtype=np.float64).reshape(n_spec)
+    z_ok = np.isfinite(z) & (z > -1)
+    opz = np.where(z_ok, 1.0 + z, 1.0)[:, None]
+    wl = (wavelength if wavelength.ndim == 2 else wavelength[None, :]) / opz
+    return wl, flux * opz, ivar / opz**2, z_ok
+
+
+def _empty_result(n_spec: int, n_params: int, options: ChunkOptions) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (dims, dtype) in RESULT_VARIABLES.items():
+        shape = (n_spec, n_params) if dims else (n_spec,)
+        if dtype.startswith("float"):
+            out[name] = np.full(shape, np.nan, dtype=dtype)
+        elif dtype == "<U8":
+            out[name] = np.full(shape, "none", dtype=dtype)
+        else:
+            out[name] = np.zeros(shape, dtype=dtype)
+    out["status"][:] = Status.NO_DATA
+    if options.return_history:
+        out["loss_history"] = np.full((n_spec, int(options.num_steps)), np.nan)
+    return out
+
+
+def _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx) -> np.ndarray:
+    """Physical starting values (n_spectra, n_params), strictly inside the bounds."""
+    from .model import _clip_inside
+
+    n_spec = flux.shape[0]
+    start = np.broadcast_to(np.asarray(model.params.values, dtype=np.float64), (n_spec, compiled.n_params)).copy()
+    rows = good_idx
+    wl_g = wl[rows] if wl.ndim == 2 else wl
+    with np.errstate(all="ignore"):
+        start[rows] = model.initial_values(wl_g, np.where(usable[rows], flux[rows], np.nan), np.where(usable[rows], ivar[rows], 0.0))
+    if init is not None:
+        init = np.asarray(init, dtype=np.float64)
+        if init.shape != start.shape:
+            raise InputDataError(f"init has shape {init.shape}; expected (n_spectra, n_params) = {start.shape}.")
+        start = np.where(np.isfinite(init), init, start)
+    return _clip_inside(start, compiled.lower, compiled.upper)
+
+
+def _fallback_candidates(out, good, compiled, options) -> np.ndarray:
+    """Indices of spectra to re-fit with SLSQP (the documented rule, see sheap_dask.yaml)."""
+    status = out["status"]
+    bad = good & (status != Status.CONVERGED)
+    redchi2 = out["redchi2"]
+    converged = good & (status == Status.CONVERGED) & np.isfinite(redchi2)
+    if converged.any():
+        threshold = max(options.redchi2_factor * float(np.median(redchi2[converged])), options.redchi2_floor)
+        bad |= converged & (redchi2 > threshold)
+    if options.pinned_fraction and options.pinned_fraction > 0:
+        lo, hi = compiled.lower[compiled.free_index], compiled.upper[compiled.free_index]
+        span = np.where(np.isfinite(hi - lo), hi - lo, np.inf)
+        p = out["params"][:, compiled.free_index]
+        with np.errstate(invalid="ignore"):
+            pinned = (np.abs(p - lo) < options.pinned_fraction * span) | (np.abs(hi - p) < options.pinned_fraction * span)
+        bad |= good & np.any(pinned, axis=1)
+    return np.flatnonzero(bad)
+
+
+def _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, options) -> None:
+    """Re-fit ``retry`` spectra one by one with SLSQP; keep whichever fit is better."""
+    import jax
+
+    params = compiled.model.params
+    lower_f = compiled.lower[compiled.free_index]
+    upper_f = compiled.upper[compiled.free_index]
+    solver = compiled.slsqp()
+    n_fixed_rows = out["params"][retry]
+    offsets = _tie_offsets(params, np.where(np.isfinite(n_fixed_rows), n_fixed_rows, start[retry]))
+    logger.info("SLSQP fallback for %d spectra", retry.size)
+    for k, i in enumerate(retry):  # the only Python loop over spectra: failed ones only
+        batch_p = out["params"][i, compiled.free_index]
+        inside = np.all(np.isfinite(batch_p)) and np.all(batch_p >= lower_f) and np.all(batch_p <= upper_f)
+        x0 = batch_p if inside else start[i, compiled.free_index]
+        wl_i = wl[i] if wl.ndim == 2 else wl
+        try:
+            with jax.enable_x64(True):
+                res = solver.minimize(
+                    compiled.chi2_free,
+                    params={"value": x0, "lower": lower_f, "upper": upper_f, "name": params.free_names},
+                    args=(offsets[k], wl_i, clean_flux[i], errors[i]),
+                )
+        except Exception as exc:  # a failed re-fit must never crash its chunk
+            logger.warning("SLSQP fallback raised for spectrum %d of the chunk: %s", i, exc)
+            if out["status"][i] == Status.NONFINITE:
+                out["status"][i] = Status.FAILED
+            continue
+        old = out["chi2"][i]
+        if np.isfinite(res.fmin) and not (res.fmin >= old):  # also when old is NaN
+            x = np.asarray(res.values, dtype=np.float64)
+            out["params"][i] = offsets[k] + compiled.embed_matrix @ x
+            out["chi2"][i] = out["loss"][i] = res.fmin
+            out["method"][i] = "slsqp"
+            out["n_iter"][i] = res.n_eval
+            out["status"][i] = Status.CONVERGED_AFTER_FALLBACK if res.converged else Status.FAILED
+            dof = out["dof"][i]
+            out["redchi2"][i] = res.fmin / dof if dof > 0 else np.nan
+            jtj[i] = _jtj_single(compiled, out["params"][i], wl_i, clean_flux[i], errors[i])
+        elif out["status"][i] == Status.NONFINITE:
+            out["status"][i] = Status.FAILED
+
+
+def _jtj_single(compiled, phys, wl, flux, err) -> np.ndarray:
+    import jax
+
+    with jax.enable_x64(True):
+        _, jtj = compiled.post(phys[None], wl if wl.ndim == 1 else wl[None], flux[None], err[None])
+    return jtj[0]
+
+
+def _parameter_errors(jtj, compiled, out, options) -> np.ndarray:
+    """1-sigma errors: sqrt(diag(E (J^T W J)^-1 E^T)); NaN where singular or not fitted."""
+    n_spec = jtj.shape[0]
+    err = np.full((n_spec, compiled.n_params), np.nan)
+    ok = np.all(np.isfinite(jtj.reshape(n_spec, -1)), axis=1) & np.isin(out["status"], [s.value for s in Status if s.ok])
+    if not ok.any():
+        return err
+    m = jtj[ok]
+    # Scale to unit diagonal before inverting: parameters span many decades.
+    d = np.sqrt(np.abs(np.einsum("nii->ni", m)))
+    d = np.where(d > 0, d, 1.0)
+    scaled = m / d[:, :, None] / d[:, None, :]
+    with np.errstate(all="ignore"):
+        cond = np.linalg.cond(scaled)
+        singular = ~np.isfinite(cond) | (cond > 1e12)
+        cov = np.linalg.pinv(scaled) / d[:, :, None] / d[:, None, :]
+        E = compiled.embed_matrix
+        cov_full = np.einsum("ij,njk,lk->nil", E, cov, E)
+        e = np.sqrt(np.clip(np.einsum("nii->ni", cov_full), 0, None))
+    if options.error_scale == "redchi2":
+        e = e * np.sqrt(np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan))[:, None]
+    e[singular] = np.nan
+    e[:, compiled.embed_fixed_mask] = 0.0
+    err[ok] = e
+    return err

@@ -1,0 +1,208 @@
+"""Command line: ``sheap-dask demo | fit | info | ingest``.
+
+The only module that prints; everything else logs. Defaults come from ``dask.config``
+(``sheap_dask.cli.*`` and the fit options), so the Helm chart's environment applies here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from . import config
+from ._version import __version__
+
+logger = logging.getLogger("sheap_dask.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sheap-dask`` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    config.configure_threads()  # before JAX starts in this process
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: completed chunks are saved; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a clean one-line error for users, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sheap-dask", description="Fit models to very many spectra with JAX on Dask.")
+    p.add_argument("--version", action="version", version=f"sheap-dask {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = p.add_subparsers(dest="command")
+
+    d = sub.add_parser("demo", help="fit bundled synthetic quasar spectra on a local cluster and print a summary")
+    d.add_argument("--n", type=int, default=None, help=f"number of spectra (default {config.get('cli.demo_n')})")
+    d.add_argument("--chunk", type=int, default=None, help=f"spectra per chunk (default {config.get('cli.demo_chunk')})")
+    d.add_argument("--store", default=None, help=f"output fit store (default {config.get('cli.demo_store')})")
+    d.add_argument("--seed", type=int, default=0, help="random seed of the synthetic spectra")
+    _add_fit_options(d)
+    d.set_defaults(func=_cmd_demo)
+
+    f = sub.add_parser("fit", help="fit every spectrum of a zarr store; re-running resumes")
+    f.add_argument("input", help="input zarr store (path or fsspec URL) with flux, ivar and wavelength")
+    f.add_argument("output", help="output zarr store of fits (resumed when it exists)")
+    f.add_argument("--model", default="hbeta", help="built-in region: hbeta, halpha, mgii, civ (default hbeta)")
+    f.add_argument("--n-broad", type=int, default=None, help="broad components of the region's broad line")
+    f.add_argument("--no-feii", action="store_true", help="leave FeII out of the region model")
+    f.add_argument("--chunk", type=int, default=None, help="spectra per chunk (default: the input's chunks)")
+    f.add_argument("--no-resume", action="store_true", help="overwrite OUTPUT instead of resuming it")
+    _add_fit_options(f)
+    f.set_defaults(func=_cmd_fit)
+
+    i = sub.add_parser("info", help="summarise a fit store: status counts, model, options")
+    i.add_argument("store")
+    i.set_defaults(func=_cmd_info)
+
+    g = sub.add_parser("ingest", help="SDSS spec FITS files -> one zarr store on a common grid")
+    g.add_argument("files", nargs="+", help="SDSS spec/spec-lite FITS files (and finally the output store)")
+    g.add_argument("--chunk", type=int, default=256, help="spectra per chunk of the store")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    g.set_defaults(func=_cmd_ingest)
+    return p
+
+
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786); default: a local cluster")
+    p.add_argument("--method", default=None, choices=["lm", "adam", "lbfgs"], help="batched optimizer (default from config: lm)")
+    p.add_argument("--num-steps", type=int, default=None, help="iteration budget of the batched solve")
+    p.add_argument("--fallback", default=None, choices=["slsqp", "none"], help="re-fit failed spectra with SLSQP (default) or not")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _client(address):
+    if address is None:
+        return None
+    from distributed import Client
+
+    return Client(address)
+
+
+def _fit_kwargs(args) -> dict:
+    return dict(method=args.method, num_steps=args.num_steps, fallback=args.fallback, progress=not args.no_progress)
+
+
+def _region_model(args):
+    from .models import region
+
+    kwargs = {}
+    if getattr(args, "n_broad", None) is not None:
+        kwargs["n_broad"] = args.n_broad
+    if getattr(args, "no_feii", False):
+        kwargs["feii"] = False
+    return region(args.model, **kwargs)
+
+
+def _cmd_demo(args) -> int:
+    import numpy as np
+
+    from .fit import fit_dataset
+    from .models import region
+    from .synthetic import synthetic_spectra
+
+    n = args.n or config.get("cli.demo_n")
+    chunk = args.chunk or config.get("cli.demo_chunk")
+    store = args.store or config.get("cli.demo_store")
+    print(f"sheap-dask {__version__} demo: {n} synthetic H-beta-region quasar spectra, chunks of {chunk}")
+    ds = synthetic_spectra(n, seed=args.seed).chunk({"spectrum": chunk})
+    model = region("hbeta")
+    client = _client(args.scheduler)
+    t0 = time.perf_counter()
+    fits = fit_dataset(ds, model, store=store, resume=False, client=client, **_fit_kwargs(args))
+    elapsed = time.perf_counter() - t0
+    fits = fits.load()
+    print(f"fitted {n} spectra in {elapsed:.1f} s ({n / elapsed:.1f} spectra/s, cluster start-up and compilation included)")
+    _print_status(fits)
+    ok = fits.status.isin([0, 1]).values
+    print(f"median reduced chi-square (fitted spectra): {float(np.nanmedian(fits.redchi2.values[ok])):.3f}")
+    truth = ds["true_params"].sel(param=fits.param).values
+    fitted = fits.params.values
+    print("parameter recovery (fitted spectra): median |fit - true| / |true|, fraction within 10%")
+    for j, name in enumerate(fits.param.values):
+        if name not in model.params.free_names:
+            continue
+        with np.errstate(all="ignore"):
+            rel = np.abs(fitted[ok, j] - truth[ok, j]) / np.abs(truth[ok, j])
+        rel = rel[np.isfinite(rel)]
+        if rel.size:
+            print(f"  {name:24s} {np.median(rel):8.3f}   {np.mean(rel < 0.1):6.1%}")
+    print(f"fit store written: {store}  (inspect with: sheap-dask info {store})")
+    if client is not None:
+        client.close()
+    return 0
+
+
+def _cmd_fit(args) -> int:
+    from .fit import fit_dataset
+
+    model = _region_model(args)
+    client = _client(args.scheduler)
+    t0 = time.perf_counter()
+    fits = fit_dataset(
+        args.input, model, store=args.output, resume=not args.no_resume, client=client, chunk_size=args.chunk, **_fit_kwargs(args)
+    )
+    elapsed = time.perf_counter() - t0
+    n = fits.sizes.get("spectrum", 0)
+    print(f"{args.output}: {n} spectra, {fits.attrs.get('sheap_chunks_fitted', '?')} chunks fitted in this run ({elapsed:.1f} s)")
+    _print_status(fits)
+    if client is not None:
+        client.close()
+    return 0
+
+
+def _cmd_info(args) -> int:
+    import xarray as xr
+
+    fits = xr.open_zarr(args.store)
+    model = json.loads(fits.attrs.get("sheap_model", "{}"))
+    options = json.loads(fits.attrs.get("sheap_options", "{}"))
+    print(f"{args.store}: {fits.sizes.get('spectrum', 0)} spectra, {fits.sizes.get('param', 0)} parameters")
+    print(f"model: {model.get('name', '?')} — {fits.attrs.get('model_description', '')}")
+    print(f"sheap_dask version: {fits.attrs.get('sheap_version', '?')}")
+    _print_status(fits)
+    print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(options.items())))
+    return 0
+
+
+def _cmd_ingest(args) -> int:
+    from .io import ingest_sdss
+
+    if len(args.files) < 2:
+        print("error: give one or more FITS files and then the output store", file=sys.stderr)
+        return 2
+    *files, out = args.files
+    ds = ingest_sdss(files, out, chunk=args.chunk, overwrite=args.overwrite)
+    print(f"{out}: {ds.sizes.get('spectrum', 0)} spectra x {ds.sizes.get('wavelength', 0)} pixels")
+    return 0
+
+
+def _print_status(fits) -> None:
+    import numpy as np
+
+    from .status import Status
+
+    codes = np.asarray(fits.status.values)
+    print("status counts:")
+    for s in Status:
+        count = int(np.sum(codes == s.value))
+        if count:
+            print(f"  {s.meaning:26s} {count}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
