@@ -289,7 +289,8 @@ class MinimizeResult:
     loss : (batch,)
         Loss at ``params`` (NaN where no finite loss was ever found or no data).
     loss_history : (batch, num_steps)
-        Loss per iteration, padded with ``loss`` after the spectrum stopped.
+        Loss per iteration, padded with ``loss`` after the spectrum stopped (NaN for
+        ``NO_DATA``).
     n_iter : (batch,) int32
         Iterations run.
     status : (batch,) int8
@@ -656,6 +657,14 @@ class Minimizer:
         """
         result = self.run(initial_params, flux, wavelength, errors, constraints)
         return result.params, result.loss_history
+
+    def __getstate__(self) -> dict:
+        # Compiled functions do not pickle (and are per process anyway): a Minimizer shipped
+        # to a Dask worker compiles there on first use.
+        state = dict(self.__dict__)
+        state["_compiled"] = {}
+        state["n_compilations"] = 0
+        return state
 
     def __repr__(self) -> str:
         return f"Minimizer(method={self.method!r}, num_steps={self.num_steps}, non_optimize_in_axis={self.non_optimize_in_axis})"

@@ -239,3 +239,14 @@ def test_float32_inputs():
     assert r.params.dtype == np.float32 and r.loss.dtype == np.float32
     assert np.all(r.status == Status.CONVERGED), r.status
     np.testing.assert_allclose(r.params, data.truth, rtol=0.05, atol=0.2)
+
+
+def test_pickles_without_compiled_functions(gauss):
+    import pickle
+
+    prob = gauss[0]
+    m = _minimizer(prob, num_steps=300)
+    assert m.n_compilations >= 1 and m._compiled
+    m2 = pickle.loads(pickle.dumps(m))
+    assert m2._compiled == {} and m2.n_compilations == 0
+    assert m2.options == m.options and m2.num_steps == m.num_steps and m2.method == "lbfgs"
