@@ -610,13 +610,17 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
         "scheduler": {"port": port, "dashboardPort": dashboard},
         "worker": {"replicas": 2, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
         "sheapConfig": {"fit": {"progress": False}},
-        "fitJob": {"enabled": True, "input": str(tmp_path / "in.zarr"), "output": str(tmp_path / "out.zarr"),
-                   "numSteps": 200},
+        # the stores on a volume mounted at /data in the Job and worker pods (here: a local folder)
+        "fitJob": {"enabled": True, "input": "/data/in.zarr", "output": "/data/out.zarr",
+                   "numSteps": 1000},
     }
     objs = manifests(render(values))
     (svc,) = find(objs, "Service", "rel-sheap-dask-scheduler")
     service_host = svc["metadata"]["name"]
-    # No cluster DNS here: the Service name maps to 127.0.0.1; each pod's emptyDir /tmp to a folder.
+    # No cluster DNS here: the Service name maps to 127.0.0.1; each pod's emptyDir /tmp to a folder,
+    # the shared data volume /data to another.
+    data = tmp_path / "data"
+    data.mkdir()
     (sched_dep,) = find(objs, "Deployment", "rel-sheap-dask-scheduler")
     (worker_dep,) = find(objs, "Deployment", "rel-sheap-dask-worker")
     procs = LocalProcesses(tmp_path)
@@ -626,7 +630,7 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
         d.mkdir(parents=True)
         return container_process(pod_name, dep_or_job["spec"]["template"]["spec"],
                                  host_map={f"tcp://{service_host}:": "tcp://127.0.0.1:"},
-                                 mount_map={"/tmp": str(d)}, extra_rewrites=extra)
+                                 mount_map={"/tmp": str(d), "/data": str(data)}, extra_rewrites=extra)
 
     try:
         cmd, env = pod(sched_dep, "rel-sheap-dask-scheduler-0")
@@ -668,15 +672,16 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
             # the job: fit_dataset through the client, on the cluster the chart starts
             ds = sd.io.synthetic_spectra(16, seed=3).chunk({"spectrum": 8})
             model = sd.models.region("hbeta")
-            fits = sd.fit_dataset(ds, model, client=client, num_steps=200)
+            fits = sd.fit_dataset(ds, model, client=client, num_steps=1000)
             fits = fits.compute()
             statuses = fits.status.values
             assert statuses.shape == (16,)
             good = (int(Status.CONVERGED), int(Status.CONVERGED_AFTER_FALLBACK))
             assert all(int(s) in good for s in statuses), fits.status.to_series().value_counts()
+            assert bool(fits.params.notnull().all())
 
             # the batch Job as rendered: `sheap-dask fit IN OUT --scheduler <service>`, twice (resume)
-            ds.to_zarr(tmp_path / "in.zarr", mode="w")
+            ds.to_zarr(data / "in.zarr", mode="w")
             (job,) = find(objs, "Job")
             written = {}
             for attempt in range(2):
@@ -684,10 +689,10 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
                 run = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True,
                                      text=True, timeout=300)
                 assert run.returncode == 0, run.stdout + run.stderr
-                params_dir = tmp_path / "out.zarr" / "params"
+                params_dir = data / "out.zarr" / "params"
                 written[attempt] = {p: p.stat().st_mtime_ns for p in params_dir.rglob("*")
                                     if p.is_file() and p.name != "zarr.json"}
-            out = xr.open_zarr(tmp_path / "out.zarr")
+            out = xr.open_zarr(data / "out.zarr")
             assert out.sizes["spectrum"] == 16
             assert all(int(s) in good for s in out.status.values)
             # the re-run resumed: no chunk of the fitted parameters was written again
