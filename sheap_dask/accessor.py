@@ -881,7 +881,8 @@ class SheapAccessor:
         title = [f"{dim} {i}"]
         for name, coord in one_fit.coords.items():
             if coord.dims == (dim,) and name != dim and coord.size == 1 and np.asarray(coord.values).dtype.kind in "iufU":
-                title.append(f"{name}={coord.values[0]}")
+                value = coord.values[0]
+                title.append(f"{name}={value:.4g}" if np.asarray(value).dtype.kind == "f" else f"{name}={value}")
         if "status" in one_fit:
             code = int(one_fit["status"].values[0])
             title.append(f"status={Status(code).meaning if code in Status._value2member_map_ else code}")

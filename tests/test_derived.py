@@ -348,6 +348,7 @@ def test_feii_is_not_continuum_by_default():
         ("10^-17 erg s^-1 cm^-2 Angstrom^-1", 1e-17),
         ("erg / (Angstrom cm2 s)", 1.0),
         ("1e-16 erg/s/cm**2/AA", 1e-16),
+        ("1e-17 erg/s/cm2/A (nominal)", 1e-17),
         ("W / (m2 nm)", 100.0),  # via astropy
     ],
 )

@@ -532,8 +532,10 @@ def _run(model, kind, key, params, params_err, extra, *, n_samples, seed, index,
         idx = np.arange(n) if index is None else np.asarray(index)
         if idx.shape != (n,):
             raise OptionError(f"index has shape {idx.shape}; expected ({n},), one global position per spectrum.")
+        with np.errstate(over="ignore"):  # huge errors in float32: inf, then clipped into the bounds
+            e32, lo32, hi32 = (np.asarray(a, dtype=dtype) for a in (e[rows], lo, hi))
         out = errors_fn(
-            pj, jnp.asarray(e[rows], dtype), jnp.asarray(lo, dtype), jnp.asarray(hi, dtype),
+            pj, jnp.asarray(e32), jnp.asarray(lo32), jnp.asarray(hi32),
             jnp.asarray(idx[rows], jnp.uint32), x, jnp.uint32(seed),
         )  # fmt: skip
         errs = {k: np.asarray(v, dtype=np.float64)[:n] for k, v in out.items()}
@@ -924,6 +926,7 @@ def bh_mass(
 # flux units
 # ----------------------------------------------------------------------------------------
 _ANGSTROM = {"a", "aa", "ang", "angstrom", "angstroms", "å", "angstroem"}
+_UNIT_WORDS = {"erg", "ergs", "s", "sec", "cm", "m", "nm", "um", "w", "jy", "hz"}
 
 
 def parse_flux_unit(units: str) -> float:
@@ -939,6 +942,10 @@ def parse_flux_unit(units: str) -> float:
         The string is not a flux density per unit wavelength.
     """
     text = str(units).strip()
+    # a trailing remark such as "(nominal)" is not part of the unit
+    remark = re.search(r"\(([^()]*)\)\s*$", text)
+    if remark and not any(w in _UNIT_WORDS or w in _ANGSTROM for w in re.findall(r"[a-zå]+", remark.group(1).lower())):
+        text = text[: remark.start()].strip()
     m = re.match(r"^\(?\s*(?:(10\s*(?:\^|\*\*)\s*\(?\s*([-+]?\d+)\s*\)?)|([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?\s*\)?\s*\*?\s*(.*)$", text)
     if m is not None and m.group(4):
         scale = 10.0 ** int(m.group(2)) if m.group(1) else float(m.group(3)) if m.group(3) else 1.0
