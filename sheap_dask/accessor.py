@@ -163,6 +163,10 @@ class SheapAccessor:
                 )
             self._model = register_model(model)
             return model
+        model = _rebuild_region_by_fingerprint(self._ds.attrs.get("sheap_model"), fp)
+        if model is not None and list(model.param_names) == names:
+            self._model = register_model(model)
+            return model
         try:
             name = json.loads(self._ds.attrs.get("sheap_model", "{}")).get("name", "?")
         except (TypeError, ValueError):
@@ -952,6 +956,42 @@ def derived_continuum_or_none(model):
         return derived.continuum_names(model)
     except ModelError:
         return None
+
+
+def _rebuild_region_by_fingerprint(model_json, fingerprint):
+    """A built-in region model rebuilt from the result's model description, or ``None``.
+
+    Used when the result has no ``sheap_region`` attribute: the region name and options are
+    read from the stored metadata, and the rebuilt model is accepted only if its fingerprint
+    equals the one recorded at fit time (so it is exactly the fitted model).
+    """
+    if not model_json or not fingerprint:
+        return None
+    try:
+        desc = json.loads(model_json) if isinstance(model_json, str) else dict(model_json)
+        meta = desc.get("metadata") or {}
+        name = meta.get("region")
+        if not name:
+            return None
+        comps = meta.get("components") or {}
+        kinds = {str((v or {}).get("kind")) for v in comps.values()}
+        base = {"feii": "feii" in kinds or "feii" in comps}
+        if meta.get("n_broad") is not None:
+            base["n_broad"] = int(meta["n_broad"])
+        if desc.get("window"):
+            base["window"] = tuple(desc["window"])
+        from . import models as _models
+
+        for extra in ({}, {"balmer": True}, {"share_narrow": True}, {"share_narrow": False}):
+            try:
+                model = _models.region(name, **base, **extra)
+            except (TypeError, ValueError):
+                continue
+            if model.fingerprint() == fingerprint:
+                return model
+    except Exception:  # noqa: BLE001 - a best-effort fallback; the caller raises a clear error
+        return None
+    return None
 
 
 def _stack(pairs) -> np.ndarray:

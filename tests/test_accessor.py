@@ -325,3 +325,18 @@ def test_builtin_region_is_rebuilt_from_attrs():
     model = ds.sheap.get_model()
     assert model.param_names == region.param_names
     assert "hbeta_broad" in model.metadata["lines"]
+
+
+def test_builtin_region_is_rebuilt_from_the_stored_description_by_fingerprint():
+    region = sd.models.region("hbeta", n_broad=1, feii=False)
+    ds = xr.Dataset(
+        {"params": (("spectrum", "param"), np.tile(region.params.values, (2, 1)))},
+        coords={"param": region.param_names},
+        attrs={"sheap_model": json.dumps(region.to_dict(), default=str), "sheap_model_fingerprint": region.fingerprint()},
+    )
+    acc._REGISTRY.pop(region.fingerprint(), None)  # as in a new session
+    assert ds.sheap.get_model().fingerprint() == region.fingerprint()
+    # a description whose rebuild does not reproduce the fingerprint is not trusted
+    bad = ds.assign_attrs(sheap_model_fingerprint="0000000000000000")
+    with pytest.raises(ModelError, match="cannot find the model"):
+        bad.sheap.get_model()
