@@ -276,6 +276,17 @@ class SheapAccessor:
                 err = err.chunk({dim: chunks, "param": -1})
         return params, err
 
+    def _draw_index(self) -> np.ndarray:
+        """Per-spectrum keys of the Monte Carlo draws: the integer ``spectrum`` labels when the
+        result has them (so a spectrum gets the same draws in any subset or chunking), else
+        positions."""
+        dim = self._dim
+        if dim in self._ds.indexes:
+            labels = np.asarray(self._ds.indexes[dim])
+            if labels.dtype.kind in "iu":
+                return (labels.astype(np.int64) % (2**32)).astype(np.uint32)
+        return np.arange(self._ds.sizes[dim], dtype=np.uint32)
+
     def _spectrum_like(self, values: np.ndarray, like: xr.DataArray) -> xr.DataArray:
         """A per-spectrum DataArray chunked like ``like`` along the spectrum dim."""
         dim = self._dim
@@ -295,7 +306,7 @@ class SheapAccessor:
         dim = self._dim
         params, err = self._params(errors)
         n = params.sizes[dim]
-        index = self._spectrum_like(np.arange(n), params)
+        index = self._spectrum_like(self._draw_index(), params)
         if needs_z:
             if redshift is not None:
                 z = self._spectrum_like(np.broadcast_to(np.asarray(redshift, dtype=np.float64), (n,)).copy(), params)
@@ -944,7 +955,8 @@ class SheapAccessor:
 
 _ERR_DOC = (
     "Monte Carlo: free parameters drawn from independent Gaussians with params_err, clipped into bounds, "
-    "ties re-applied; standard deviation of the recomputed quantity (sheap_dask.models.derived)"
+    "ties re-applied; standard deviation of the recomputed quantity; draws keyed by the integer spectrum "
+    "label (else position) (sheap_dask.models.derived)"
 )
 
 

@@ -144,7 +144,9 @@ def test_line_quantities_match_derived_functions(fits):
     np.testing.assert_allclose(da.values, D.fwhm(MODEL, "hbeta_broad", PARAMS)[0])
     ds = fits.sheap.fwhm("hbeta_broad", errors=True)
     assert set(ds.data_vars) == {"fwhm_hbeta_broad", "fwhm_hbeta_broad_err"}
-    np.testing.assert_allclose(ds["fwhm_hbeta_broad_err"].values, D.fwhm(MODEL, "hbeta_broad", PARAMS, fits.params_err.values)[1])
+    # Monte Carlo draws are keyed by the integer spectrum labels
+    labels = fits["spectrum"].values
+    np.testing.assert_allclose(ds["fwhm_hbeta_broad_err"].values, D.fwhm(MODEL, "hbeta_broad", PARAMS, fits.params_err.values, index=labels)[1])
     assert np.all(ds["fwhm_hbeta_broad_err"].values > 0)
     flux = fits.sheap.flux("oiii5007")
     np.testing.assert_allclose(flux.values, PARAMS[:, NAMES.index("oiii_flux")], rtol=1e-6)
@@ -260,6 +262,9 @@ def test_status_counts_summary_and_failed(fits):
     assert list(bad["spectrum"].values) == [103, 104, 105]
     # links carry over to the subset
     np.testing.assert_allclose(bad.sheap.fwhm("hbeta_broad").values, fits.sheap.fwhm("hbeta_broad").values[3:])
+    # a spectrum gets the same Monte Carlo draws in the subset as in the full result
+    full = fits.sheap.flux("oiii5007", errors=True)["flux_oiii5007_err"].values
+    np.testing.assert_array_equal(bad.sheap.flux("oiii5007", errors=True)["flux_oiii5007_err"].values, full[3:])
     assert bad.sheap.residuals().sizes["spectrum"] == 3
 
 
