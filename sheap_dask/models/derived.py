@@ -15,10 +15,10 @@ Conventions
   frame (Angstrom).
 * **Profile grid.** A line is evaluated (only its own components) on ``n_grid`` points
   uniform in velocity, ``λ = λ0 (1 + v / c)`` for ``|v| <= velocity_range`` around its rest
-  wavelength ``λ0`` (default 2001 points over ±50 000 km/s for broad lines, ±5 000 km/s for narrow ones:
-  50 and 5 km/s steps).
-  Flux, second moment and EW are integrals over that window (a Lorentzian's wings beyond it
-  are not counted; its second moment is finite only because of the window).
+  wavelength ``λ0`` (default 2001 points over ±50 000 km/s for broad lines and ±5 000 km/s
+  for narrow ones: 50 and 5 km/s steps). Flux, second moment and EW are integrals over that
+  window (a Lorentzian's wings beyond it are not counted; its second moment is finite only
+  because of the window).
 * **FWHM** uses the outermost half-maximum crossings (correct for double-peaked and
   multi-component profiles), linearly interpolated between grid points; the maximum is
   refined by a parabola through the three highest points. **sigma** is the line dispersion,
