@@ -17,12 +17,8 @@ fluxes, norm       >= 0
 power-law index    -6 .. 4                 alpha_lambda, quasars ~ -1.5
 =================  ======================  ==========================================
 
-The initializer works on a block of spectra at once (no Python loop over spectra): a
-power-law slope from a weighted log-log fit in line-free windows, the narrow-line shift from
-the peak of the strongest narrow line, then, for a small grid of trial widths, a weighted
-linear least-squares solve for every amplitude (power-law norm and slope correction, FeII
-amplitude, line fluxes with tied ratios folded in) at fixed widths; per spectrum the trial
-with the smallest chi-square wins.
+The initializer works on a block of spectra at once (no Python loop over spectra), see
+:func:`make_initializer`.
 """
 
 from __future__ import annotations
@@ -302,7 +298,24 @@ def _solve_normal(A, w, y, nonneg):
 
 
 def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Callable:
-    """Build ``initializer(wavelength, flux, ivar) -> (n_spectra, n_params)`` for a region model."""
+    """Build ``initializer(wavelength, flux, ivar) -> (n_spectra, n_params)`` for a region model.
+
+    Steps, all vectorised over spectra:
+
+    1. power-law slope and level from a weighted log-log fit in the line-free windows;
+    2. the shift of the region's anchor narrow line (e.g. [OIII] 5007) from its peak above
+       the continuum, used for every narrow line;
+    3. 9 trials of broad x narrow widths; for each, weighted linear least squares for all
+       amplitudes (power-law norm and a linearised slope correction, FeII amplitude, line
+       fluxes; tied flux ratios folded into one column); the best chi-square wins;
+    4. at the best widths, the main broad line gets its shift from the centroid of its
+       residual, and each other free narrow line (e.g. narrow H-beta) its own shift from the
+       peak of the high-passed residual without it; the amplitudes are solved again.
+
+    Fluxes are floored at 2% of the continuum under the line (FeII at 1% of the continuum
+    over its band) so no parameter starts on its bound, where its derivative through the
+    bound transform vanishes.
+    """
     params = model.params
     names = params.names
     comps = model.component_objects
@@ -313,9 +326,15 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
         p = params[name]
         return p.value, p.min, p.max
 
+    def kin_source(c):  # component whose shift/fwhm this line follows
+        t = tie_of[f"{c.name}_fwhm"]
+        return comps[t[1].rsplit("_", 1)[0]] if t else c
+
     lines = [c for c in comps.values() if c.rest_wavelength is not None]
     broad = [c for c in lines if c.line_kind == "broad" and tie_of[f"{c.name}_fwhm"] is None]
     narrow = [c for c in lines if c.line_kind == "narrow" and tie_of[f"{c.name}_fwhm"] is None]
+    feii_c = [c for c in comps.values() if c.kind == "feii"]
+    balmer_c = [c for c in comps.values() if c.kind == "balmer_continuum"]
     # trial width factors: broad x narrow (9 trials)
     trials = list(itertools.product((0.55, 1.0, 1.8), (0.6, 1.0, 1.6)))
 
@@ -355,101 +374,153 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
         cont_level = np.where(np.isfinite(cont_level) & (cont_level > 0), cont_level, 1.0)
         pl = np.exp(index[:, None] * lnx)  # (n, p) unit-norm power law
 
+        def peak_shift(resid, rest, halfwidth=0.8 * NARROW_SHIFT, highpass=False):
+            """Velocity of the highest residual pixel within +-halfwidth km/s of ``rest``.
+
+            ``highpass`` first subtracts a running mean over +-12 pixels (~ +-800 km/s on
+            SDSS pixels), so a narrow peak is found on top of broad-line residuals.
+            """
+            if highpass:
+                g = good.astype(float)
+                cs = np.cumsum(np.pad(np.where(good, resid, 0.0), ((0, 0), (1, 0))), axis=1)
+                cg = np.cumsum(np.pad(g, ((0, 0), (1, 0))), axis=1)
+                h, p_ = 12, resid.shape[1]
+                lo_i = np.clip(np.arange(p_) - h, 0, p_)
+                hi_i = np.clip(np.arange(p_) + h + 1, 0, p_)
+                mean = (cs[:, hi_i] - cs[:, lo_i]) / np.maximum(cg[:, hi_i] - cg[:, lo_i], 1.0)
+                resid = resid - mean
+            near = good & (np.abs(wl2 / rest - 1.0) * C_KMS < halfwidth)
+            j = np.argmax(np.where(near, resid, -np.inf), axis=1)
+            peak_wl = np.take_along_axis(np.broadcast_to(wl2, y.shape), j[:, None], 1)[:, 0]
+            return np.where(near.any(1), (peak_wl / rest - 1.0) * C_KMS, 0.0)
+
         # 2. narrow-line shift from the peak of the anchor line above the continuum
         nshift = np.zeros(n)
         if spec.anchor is not None and spec.anchor in comps:
-            rest = comps[spec.anchor].rest_wavelength
-            near = good & (np.abs(wl2 / rest - 1.0) * C_KMS < 0.8 * NARROW_SHIFT)
-            resid = np.where(near, y - cont_level[:, None] * pl, -np.inf)
-            j = np.argmax(resid, axis=1)
-            peak_wl = np.take_along_axis(np.broadcast_to(wl2, y.shape), j[:, None], 1)[:, 0]
-            nshift = np.where(near.any(1), (peak_wl / rest - 1.0) * C_KMS, 0.0)
+            nshift = peak_shift(y - cont_level[:, None] * pl, comps[spec.anchor].rest_wavelength)
 
+        def columns(fwhm, shift, feii_fwhm):
+            """Design matrix (n|1, p, k) and column keys; fwhm/shift: component -> scalar or (n, 1)."""
+            cols = [pl, pl * lnx]  # norm, and d/d index (linearised slope correction)
+            keys = [("powerlaw", "norm"), ("powerlaw", "dindex")]
+            for c in feii_c:
+                tmpl = c.info["template_obj"]
+                values = np.unique(feii_fwhm)
+                col = 0.0
+                for v in values:  # few distinct widths (one per trial)
+                    col = col + np.where(np.reshape(feii_fwhm, (-1, 1)) == v, tmpl.evaluate_numpy(safe_wl, float(v)), 0.0)
+                cols.append(col)
+                keys.append((c.name, "amplitude"))
+            for c in balmer_c:
+                pv = np.array([1.0, params[f"{c.name}_temperature"].value, params[f"{c.name}_tau"].value])
+                cols.append(np.asarray(c.func(safe_wl, pv)))
+                keys.append((c.name, "amplitude"))
+            where = {}
+            for c in lines:
+                src = kin_source(c)
+                prof = _np_profile(c.kind, wl2, 1.0, shift[src.name], fwhm[src.name], c.rest_wavelength)
+                tie = tie_of[f"{c.name}_flux"]
+                owner, factor = c.name, 1.0
+                if tie is not None and tie[2] in "*/":
+                    owner = tie[1].rsplit("_", 1)[0]
+                    factor = tie[3] if tie[2] == "*" else 1.0 / tie[3]
+                if owner in where:
+                    cols[where[owner]] = cols[where[owner]] + factor * prof
+                else:
+                    where[owner] = len(cols)
+                    cols.append(factor * prof)
+                    keys.append((owner, "flux"))
+            shape = (max(np.shape(col)[0] if np.ndim(col) == 2 else 1 for col in cols), y.shape[1])
+            A = np.stack([np.broadcast_to(col, shape) for col in cols], axis=-1)
+            return A, keys
+
+        def solve(A, keys):
+            nonneg = np.array([q != "dindex" for _, q in keys])
+            return _solve_normal(A, w, y, nonneg)
+
+        # 3. trial widths
+        shift = {c.name: (nshift[:, None] if c.line_kind == "narrow" else 0.0) for c in broad + narrow}
         best_chi2 = np.full(n, np.inf)
-        best = None
+        best_fwhm = {c.name: np.zeros(n) for c in broad + narrow}
+        best_feii = np.zeros(n)
         for fb, fn in trials:
             fwhm = {}
-            for c in broad:
+            for c, f in [(c, fb) for c in broad] + [(c, fn) for c in narrow]:
                 v, lo, hi = value_spec(f"{c.name}_fwhm")
-                fwhm[c.name] = float(np.clip(v * fb, lo, hi))
-            for c in narrow:
+                fwhm[c.name] = float(np.clip(v * f, lo, hi))
+            feii_fwhm = 0.0
+            for c in feii_c:
+                # FeII comes from the broad-line region: start at the broad core's width
                 v, lo, hi = value_spec(f"{c.name}_fwhm")
-                fwhm[c.name] = float(np.clip(v * fn, lo, hi))
-            cols, col_names = [], []
-            cols.append(np.broadcast_to(pl, y.shape))
-            col_names.append(("powerlaw", "norm"))
-            cols.append(np.broadcast_to(pl * lnx, y.shape))  # d/d index: linearised slope correction
-            col_names.append(("powerlaw", "dindex"))
-            feii_fwhm = None
-            for c in comps.values():
-                if c.kind == "feii":
-                    v, lo, hi = value_spec(f"{c.name}_fwhm")
-                    # FeII comes from the broad-line region: start at the broad core's width
-                    feii_fwhm = float(np.clip(fwhm[broad[0].name] if broad else v, lo, hi))
-                    tmpl = c.info["template_obj"]
-                    cols.append(np.broadcast_to(tmpl.evaluate_numpy(safe_wl, feii_fwhm), y.shape))
-                    col_names.append((c.name, "amplitude"))
-                elif c.kind == "balmer_continuum":
-                    f = np.asarray(c.func(safe_wl, np.array([1.0, params[f"{c.name}_temperature"].value, params[f"{c.name}_tau"].value])))
-                    cols.append(np.broadcast_to(f, y.shape))
-                    col_names.append((c.name, "amplitude"))
-            flux_cols = {}
-            for c in lines:
-                src = c.name
-                fw_src = tie_of[f"{c.name}_fwhm"][1].rsplit("_", 1)[0] if tie_of[f"{c.name}_fwhm"] else c.name
-                # broad lines start unshifted: one profile shared by all spectra
-                sh = nshift[:, None] if comps[fw_src].line_kind == "narrow" else 0.0
-                prof = _np_profile(c.kind, wl2, 1.0, sh, fwhm[fw_src], c.rest_wavelength)
-                tie = tie_of[f"{c.name}_flux"]
-                factor = 1.0
-                if tie is not None and tie[2] in "*/":
-                    src = tie[1].rsplit("_", 1)[0]
-                    factor = tie[3] if tie[2] == "*" else 1.0 / tie[3]
-                if src in flux_cols:
-                    cols[flux_cols[src]] = cols[flux_cols[src]] + factor * prof
-                else:
-                    flux_cols[src] = len(cols)
-                    cols.append(np.broadcast_to(factor * prof, y.shape) if factor != 1.0 else np.broadcast_to(prof, y.shape))
-                    col_names.append((src, "flux"))
-            A = np.stack(cols, axis=-1)
-            nonneg = np.array([q != "dindex" for _, q in col_names])
-            x, chi2 = _solve_normal(A, w, y, nonneg)
+                feii_fwhm = float(np.clip(fwhm[broad[0].name] if broad else v, lo, hi))
+            A, keys = columns(fwhm, shift, np.full(n, feii_fwhm))
+            x, chi2 = solve(A, keys)
             better = chi2 < best_chi2
             best_chi2 = np.where(better, chi2, best_chi2)
-            state = {"x": x, "fwhm": {k: np.full(n, v) for k, v in fwhm.items()}, "feii_fwhm": np.full(n, feii_fwhm or 0.0)}
-            if best is None:
-                best = state
-                best_cols = col_names
-            else:
-                best["x"] = np.where(better[:, None], x, best["x"])
-                for k in fwhm:
-                    best["fwhm"][k] = np.where(better, fwhm[k], best["fwhm"][k])
-                best["feii_fwhm"] = np.where(better, state["feii_fwhm"], best["feii_fwhm"])
+            for k, v in fwhm.items():
+                best_fwhm[k] = np.where(better, v, best_fwhm[k])
+            best_feii = np.where(better, feii_fwhm, best_feii)
+
+        # 4. refine at the best widths: the main broad line's shift from the centroid of its
+        # residual, the other free narrow lines' shifts from their own residual peaks
+        fwhm_cols = {k: v[:, None] for k, v in best_fwhm.items()}
+        A, keys = columns(fwhm_cols, shift, best_feii)
+        x, _ = solve(A, keys)
+        col_of = {k: i for i, k in enumerate(keys)}
+        full = np.broadcast_to(A, y.shape + (A.shape[-1],))
+
+        def residual_without(names_):
+            idx = [col_of[(nm, "flux")] for nm in names_ if (nm, "flux") in col_of]
+            keep = np.ones(len(keys), dtype=bool)
+            keep[idx] = False
+            return y - np.einsum("npk,nk->np", full, np.where(keep, x, 0.0))
+
+        main = [c for c in broad if c.line == f"{spec.name}_broad" and tie_of[f"{c.name}_shift"] is None]
+        if main:
+            rest = main[0].rest_wavelength
+            r = residual_without([c.name for c in main])
+            v = (wl2 / rest - 1.0) * C_KMS
+            sel = good & (np.abs(v) < 6000.0) & (r > 0)
+            wsum = np.where(sel, r, 0.0)
+            centroid = (wsum * v).sum(1) / np.maximum(wsum.sum(1), 1e-300)
+            centroid = np.clip(np.where(wsum.sum(1) > 0, centroid, 0.0), -0.5 * BROAD_SHIFT, 0.5 * BROAD_SHIFT)
+            for c in main:
+                shift[c.name] = centroid[:, None]
+        others = [c for c in narrow if c.name != spec.anchor and tie_of[f"{c.name}_shift"] is None]
+        if main or others:
+            A, keys = columns(fwhm_cols, shift, best_feii)
+            x, _ = solve(A, keys)
+            col_of = {k: i for i, k in enumerate(keys)}
+            full = np.broadcast_to(A, y.shape + (A.shape[-1],))
+        if others:
+            for c in others:
+                shift[c.name] = peak_shift(residual_without([]) + (full[..., col_of[(c.name, "flux")]] * x[:, col_of[(c.name, "flux")], None]
+                                           if (c.name, "flux") in col_of else 0.0), c.rest_wavelength, 0.5 * NARROW_SHIFT,
+                                           highpass=True)[:, None]
+            A, keys = columns(fwhm_cols, shift, best_feii)
+            x, _ = solve(A, keys)
 
         out = np.tile(np.asarray(params.values, dtype=np.float64), (n, 1))
         pos_of = {nm: i for i, nm in enumerate(names)}
-        coef = {cn: best["x"][:, i] for i, cn in enumerate(best_cols)}
+        coef = {cn: x[:, i] for i, cn in enumerate(keys)}
         norm = np.maximum(coef[("powerlaw", "norm")], 1e-3 * cont_level)
         dindex = coef[("powerlaw", "dindex")] / np.where(norm > 0, norm, 1.0)
         out[:, pos_of["powerlaw_norm"]] = norm
         out[:, pos_of["powerlaw_index"]] = np.clip(index + np.clip(dindex, -1.0, 1.0), -5.5, 3.5)
-        for c in comps.values():
-            if c.kind == "feii":
-                # floor: 1% of the continuum over the 250 A band, so the amplitude never starts
-                # at the bound, where its derivative (through the bound transform) vanishes
-                out[:, pos_of[f"{c.name}_amplitude"]] = np.maximum(coef[(c.name, "amplitude")], 2.5 * norm)
-                out[:, pos_of[f"{c.name}_fwhm"]] = best["feii_fwhm"]
-                out[:, pos_of[f"{c.name}_shift"]] = 0.0
-            elif c.kind == "balmer_continuum":
-                out[:, pos_of[f"{c.name}_amplitude"]] = np.maximum(coef[(c.name, "amplitude")], 0.01 * norm)
+        for c in feii_c:
+            out[:, pos_of[f"{c.name}_amplitude"]] = np.maximum(coef[(c.name, "amplitude")], 2.5 * norm)
+            out[:, pos_of[f"{c.name}_fwhm"]] = best_feii
+            out[:, pos_of[f"{c.name}_shift"]] = 0.0
+        for c in balmer_c:
+            out[:, pos_of[f"{c.name}_amplitude"]] = np.maximum(coef[(c.name, "amplitude")], 0.01 * norm)
         for c in lines:
             if (c.name, "flux") in coef:
-                fw = best["fwhm"].get(c.name, np.full(n, params[f"{c.name}_fwhm"].value))
+                fw = best_fwhm.get(kin_source(c).name, np.full(n, params[f"{c.name}_fwhm"].value))
                 floor = 0.02 * norm * fw / C_KMS * c.rest_wavelength  # 2% of the continuum under the line
                 out[:, pos_of[f"{c.name}_flux"]] = np.maximum(coef[(c.name, "flux")], floor)
-            if c.name in best["fwhm"]:
-                out[:, pos_of[f"{c.name}_fwhm"]] = best["fwhm"][c.name]
-                out[:, pos_of[f"{c.name}_shift"]] = nshift if c.line_kind == "narrow" else 0.0
+            if c.name in best_fwhm:
+                out[:, pos_of[f"{c.name}_fwhm"]] = best_fwhm[c.name]
+                out[:, pos_of[f"{c.name}_shift"]] = np.broadcast_to(shift[c.name], (n, 1))[:, 0]
         bad = ~good.any(axis=1)  # spectra without data keep the defaults
         out[bad] = np.asarray(params.values)[None].repeat(bad.sum(), 0)
         # tied parameters follow their sources
