@@ -156,7 +156,7 @@ REGIONS: dict[str, RegionSpec] = {
                         _build_hbeta, "H-beta region: power law, optical FeII, broad+narrow H-beta, [OIII] 4959/5007, HeII 4686"),
     "halpha": RegionSpec("halpha", (6200.0, 6900.0), 6500.0, ((6200.0, 6280.0), (6820.0, 6900.0)), "halpha_narrow",
                          _build_halpha, "H-alpha region: power law, broad+narrow H-alpha, [NII] 6548/6584, [SII] 6717/6731"),
-    "mgii": RegionSpec("mgii", (2700.0, 2950.0), 3000.0, ((2700.0, 2730.0), (2900.0, 2950.0)), "mgii_narrow",
+    "mgii": RegionSpec("mgii", (2700.0, 2950.0), 2800.0, ((2700.0, 2730.0), (2900.0, 2950.0)), "mgii_narrow",
                        _build_mgii, "MgII region: power law, UV FeII, broad+narrow MgII"),
     "civ": RegionSpec("civ", (1450.0, 1700.0), 1450.0, ((1450.0, 1470.0), (1685.0, 1700.0)), None,
                       _build_civ, "CIV region: power law, broad CIV, HeII 1640, OIII] 1663"),
