@@ -94,11 +94,13 @@ UV_FEII_LINES: list[tuple[str, list[tuple[float, float]]]] = [
 #: Integration band (Angstrom) that defines ``amplitude`` for each default template.
 NORM_BANDS = {"optical": (4434.0, 4684.0), "uv": (2200.0, 3090.0)}
 
-# Template grid: 40 km/s pixels (SDSS pixels are 69 km/s; the narrowest kernel, FWHM 1000
-# km/s, spans 10 pixels per sigma) and 21000 km/s of zero padding on each side. The FFT
+# Template grid: 60 km/s pixels, finer than SDSS pixels (69 km/s); the narrowest kernel (FWHM
+# 1000 km/s) spans 7 pixels per sigma, so the linear deposit and read-out add < 0.2% to its
+# width, while the FFT stays short (cost halves from 40 km/s). 21000 km/s of zero padding on
+# each side. The FFT
 # convolution is circular: with a kernel reaching 4 sigma + shift <= 20000 km/s (FWHM <= 10000,
 # |shift| <= 3000 km/s) and lines kept up to 20000 km/s outside a range, nothing wraps into it.
-_VELOCITY_STEP = 40.0
+_VELOCITY_STEP = 60.0
 _PAD_KMS = 21000.0
 # Lines farther than this outside a restricted range are dropped (see FeIITemplate.restricted).
 _KEEP_KMS = 20000.0
@@ -223,7 +225,7 @@ class FeIITemplate:
             raise ModelError("FeIITemplate.from_lines: wavelengths must be finite and > 0, strengths finite and >= 0.")
         loglam, dln = cls._grid(wl.min(), wl.max())
         # Each delta is shared between the two nearest grid points (linear deposit): it keeps
-        # the flux and the centroid exactly and adds < 6 km/s rms of width.
+        # the flux and the centroid exactly and adds <= 25 km/s rms of width (h / sqrt(6)).
         t = (np.log(wl) - loglam[0]) / dln
         i = np.floor(t).astype(int)
         w = t - i
