@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+from . import accessor  # noqa: F401  (registers the ds.sheap accessor; imports only xarray)
 from ._version import __version__
 
 # public name -> submodule that defines it
@@ -22,7 +23,7 @@ _LAZY = {
     "fit_chunk": "chunk",
     "fit_dataset": "fit",
 }
-_SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status", "model", "cli"}
+_SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status", "model", "cli", "synthetic", "lm"}
 
 __all__ = ["__version__", *_LAZY, "models", "io"]
 

@@ -85,6 +85,7 @@ class ChunkOptions:
     min_extra_pixels: int | None = None
     return_history: bool | None = None
     dtype: str | None = None
+    stage_iter: int | None = None
 
     _CONFIG_KEYS = {
         "method": "fit.method",
@@ -108,6 +109,7 @@ class ChunkOptions:
         "min_extra_pixels": "screen.min_extra_pixels",
         "return_history": "fit.return_history",
         "dtype": "fit.dtype",
+        "stage_iter": "fit.lm_stage_iter",
     }
 
     def resolved(self) -> ChunkOptions:
@@ -198,22 +200,31 @@ class _CompiledModel:
         extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind}
         if options.method == "lm":
             extra["robust_scale"] = options.robust_scale
-        self.minimizer = Minimizer(
-            model.func,
-            non_optimize_in_axis=4,
-            num_steps=int(options.num_steps),
-            learning_rate=options.learning_rate,
-            weighted=bool(options.weighted),
-            method=options.method,
-            lbfgs_options=dict(options.lbfgs_options) or None,
-            penalty_function=penalty_function,
-            param_converter=params,
-            penalty_weight=options.penalty_weight,
-            curvature_weight=options.curvature_weight,
-            smoothness_weight=options.smoothness_weight,
-            max_weight=options.max_weight,
-            **extra,
-        )
+        def minimizer(num_steps: int) -> Minimizer:
+            return Minimizer(
+                model.func,
+                non_optimize_in_axis=4,
+                num_steps=int(num_steps),
+                learning_rate=options.learning_rate,
+                weighted=bool(options.weighted),
+                method=options.method,
+                lbfgs_options=dict(options.lbfgs_options) or None,
+                penalty_function=penalty_function,
+                param_converter=params,
+                penalty_weight=options.penalty_weight,
+                curvature_weight=options.curvature_weight,
+                smoothness_weight=options.smoothness_weight,
+                max_weight=options.max_weight,
+                **extra,
+            )
+
+        # A vmapped while_loop runs until its slowest spectrum stops, so LM runs in two
+        # stages: the whole chunk for `stage_iter` iterations, then only the stragglers, in
+        # a batch a quarter the size, for the rest of the budget.
+        self.stage_iter = int(options.stage_iter or 0)
+        staged = options.method == "lm" and 0 < self.stage_iter < int(options.num_steps)
+        self.minimizer = minimizer(self.stage_iter if staged else options.num_steps)
+        self.straggler_minimizer = minimizer(int(options.num_steps) - self.stage_iter) if staged else None
         func = model.func
         embed = jnp.asarray(self.embed_matrix)
 
@@ -388,26 +399,17 @@ def fit_chunk(
     wl_b = wl[take] if wl.ndim == 2 else wl
     constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
     with jax.enable_x64(options.dtype == "float64"):
-        result = compiled.minimizer.run(
-            start[take].astype(dtype),
-            clean_flux[take].astype(dtype),
-            wl_b.astype(dtype),
-            errors[take].astype(dtype),
-            constraints.astype(dtype),
-        )
-        params_b = np.asarray(result.params, dtype=np.float64)
+        solved = _batched_solve(compiled, start[take], clean_flux[take], wl_b, errors[take], constraints, dtype, options)
         chi2_b, jtj_b = compiled.post(
-            params_b.astype(dtype), wl_b.astype(dtype), clean_flux[take].astype(dtype), errors[take].astype(dtype)
+            solved["params"].astype(dtype), wl_b.astype(dtype), clean_flux[take].astype(dtype), errors[take].astype(dtype)
         )
     sel = slice(0, good_idx.size)
-    out["params"][good_idx] = params_b[sel]
-    out["loss"][good_idx] = np.asarray(result.loss, dtype=np.float64)[sel]
+    for name in ("params", "loss", "status", "n_iter"):
+        out[name][good_idx] = solved[name][sel]
     out["chi2"][good_idx] = chi2_b[sel]
-    out["status"][good_idx] = np.asarray(result.status, dtype=np.int8)[sel]
-    out["n_iter"][good_idx] = np.asarray(result.n_iter, dtype=np.int32)[sel]
     out["method"][good_idx] = options.method
     if options.return_history:
-        out["loss_history"][good_idx] = np.asarray(result.loss_history, dtype=np.float64)[sel]
+        out["loss_history"][good_idx] = solved["loss_history"][sel]
     jtj = np.full((n_spec, n_free, n_free), np.nan)
     jtj[good_idx] = jtj_b[sel]
 
@@ -423,6 +425,39 @@ def fit_chunk(
 
     out["params_err"] = _parameter_errors(jtj, compiled, out, options)
     return out
+
+
+def _batched_solve(compiled, start, flux, wl, errors, constraints, dtype, options) -> dict[str, np.ndarray]:
+    """The vmapped solve of a padded batch; LM stragglers get a second, smaller batch."""
+    cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731
+    result = compiled.minimizer.run(cast(start), cast(flux), cast(wl), cast(errors), cast(constraints))
+    solved = {  # writable copies: stragglers are filled in below
+        "params": np.array(result.params, dtype=np.float64),
+        "loss": np.array(result.loss, dtype=np.float64),
+        "status": np.array(result.status, dtype=np.int8),
+        "n_iter": np.array(result.n_iter, dtype=np.int32),
+        "loss_history": np.array(result.loss_history, dtype=np.float64),
+    }
+    if compiled.straggler_minimizer is None:
+        return solved
+    todo = np.flatnonzero(solved["status"] == Status.MAX_ITER)
+    batch = len(start)
+    group = max(1, min(batch, max(8, batch // 4)))
+    tail = compiled.straggler_minimizer.num_steps
+    history = np.concatenate([solved["loss_history"], np.repeat(solved["loss"][:, None], tail, axis=1)], axis=1)
+    for first in range(0, todo.size, group):  # loops over groups of stragglers, not spectra
+        rows = todo[first : first + group]
+        take = np.concatenate([rows, np.full(group - rows.size, rows[0])])
+        wl_g = wl[take] if np.ndim(wl) == 2 else wl
+        again = compiled.straggler_minimizer.run(cast(solved["params"][take]), cast(flux[take]), cast(wl_g), cast(errors[take]), cast(constraints))
+        k = rows.size
+        solved["params"][rows] = np.asarray(again.params, dtype=np.float64)[:k]
+        solved["loss"][rows] = np.asarray(again.loss, dtype=np.float64)[:k]
+        solved["status"][rows] = np.asarray(again.status, dtype=np.int8)[:k]
+        solved["n_iter"][rows] += np.asarray(again.n_iter, dtype=np.int32)[:k]
+        history[rows, compiled.stage_iter :] = np.asarray(again.loss_history, dtype=np.float64)[:k]
+    solved["loss_history"] = history
+    return solved
 
 
 def _to_rest_frame(wavelength, flux, ivar, redshift):
@@ -514,7 +549,7 @@ def _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, opti
                     args=(offsets[k], wl_i, clean_flux[i], errors[i]),
                 )
         except Exception as exc:  # a failed re-fit must never crash its chunk
-            logger.warning("SLSQP fallback raised for spectrum %d of the chunk: %s", i, exc)
+            logger.warning("SLSQP fallback raised for spectrum %d of the chunk: %r", i, exc)
             if out["status"][i] == Status.NONFINITE:
                 out["status"][i] = Status.FAILED
             continue

@@ -23,7 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sheap-dask`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # distributed logs every worker start/stop at INFO: only with -v.
+    logging.getLogger("distributed").setLevel(max(level, logging.INFO) if args.verbose else logging.WARNING)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2

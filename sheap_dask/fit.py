@@ -547,6 +547,7 @@ def _resolve_client(client):
         dashboard_address=config.get("cluster.dashboard_address"),
         memory_limit=config.get("cluster.memory_limit"),
         env=env,
+        silence_logs=logging.WARNING,
     )
     logger.info("started a LocalCluster with %d workers: %s", n_workers, cluster.dashboard_link)
     return Client(cluster), cluster

@@ -1,0 +1,97 @@
+"""Shared pieces of the benchmarks: the reference problem, clusters, quality metrics, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sheap_dask as sd  # noqa: E402
+from sheap_dask.models import derived  # noqa: E402
+
+
+def reference_store(path: Path, n: int, chunk: int, seed: int = 0) -> Path:
+    """The reference problem of issue 6: synthetic H-beta-region spectra in a zarr store."""
+    if not path.exists():
+        sd.io.synthetic_spectra(n, seed=seed).chunk({"spectrum": chunk}).to_zarr(path)
+    return path
+
+
+@contextmanager
+def local_cluster(n_workers: int = 2):
+    """``LocalCluster(n_workers, threads_per_worker=1)`` with XLA sized to one core each."""
+    from distributed import Client, LocalCluster
+
+    from sheap_dask.fit import _worker_env
+
+    with LocalCluster(
+        n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", env=_worker_env(1), silence_logs=40
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0
+
+
+def quality(model, params: np.ndarray, truth: np.ndarray, redchi2: np.ndarray, has_data: np.ndarray) -> dict:
+    """Fit quality on the spectra that have data: the issue-6 metrics."""
+    ok = has_data & np.all(np.isfinite(params), axis=1)
+    p = np.where(ok[:, None], params, truth)  # keep derived-quantity code NaN-free; ok masks below
+    fwhm_fit, _ = derived.fwhm(model, "hbeta_broad", p)
+    fwhm_true, _ = derived.fwhm(model, "hbeta_broad", truth)
+    names = list(model.params.names)
+    oiii = names.index("oiii5007_flux")
+    n = int(has_data.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fwhm_ok = ok & (np.abs(fwhm_fit / fwhm_true - 1) < 0.10)
+        oiii_ok = ok & (np.abs(params[:, oiii] / truth[:, oiii] - 1) < 0.10)
+        chi_ok = ok & (redchi2 < 1.2)
+    return {
+        "n_with_data": n,
+        "frac_redchi2_lt_1.2": round(float(chi_ok.sum() / n), 4),
+        "frac_fwhm_hbeta_broad_within_10pct": round(float(fwhm_ok.sum() / n), 4),
+        "frac_oiii5007_flux_within_10pct": round(float(oiii_ok.sum() / n), 4),
+        "median_redchi2": round(float(np.nanmedian(np.where(ok, redchi2, np.nan))), 4),
+    }
+
+
+def chi2_of(model, params, wavelength, flux, ivar, window=None):
+    """Plain weighted chi-square and dof of ``params`` (for baselines that do not report it)."""
+    with np.errstate(all="ignore"):
+        good = np.all(np.isfinite(params), axis=1)
+        safe = np.where(good[:, None], params, np.asarray(model.params.values))
+        m = model.evaluate(wavelength, safe)
+        use = np.isfinite(flux) & (ivar > 0)
+        chi2 = np.where(use, (m - flux) ** 2 * ivar, 0).sum(1)
+        dof = use.sum(1) - model.n_free
+        red = np.where(good & (dof > 0), chi2 / dof, np.nan)
+    return red
+
+
+def machine() -> dict:
+    import jax
+
+    return {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jax_device": str(jax.devices()[0]),
+        "sheap_dask": sd.__version__,
+    }
+
+
+def emit(record: dict) -> None:
+    """One JSON line on stdout: the benchmark's result."""
+    print(json.dumps(record, sort_keys=False), flush=True)
