@@ -12,6 +12,8 @@ broad FWHM         1000 - 20000 km/s       broad-line region widths (narrow-line
 broad shift        +-3000 km/s             (CIV: +-5000, its blueshifts reach that)
 narrow FWHM        100 - 1200 km/s         narrow-line region; 100 ~ SDSS resolution
 narrow shift       +-1000 km/s
+[OIII] wing        FWHM 500 - 2500 km/s,   outflow wings (``oiii_wing=True``): broader
+                   shift -2000 .. +500     than the core and mostly blueshifted
 FeII FWHM / shift  1000 - 10000 / +-3000   FeII is emitted in the broad-line region
 fluxes, norm       >= 0
 power-law index    -6 .. 4                 alpha_lambda, quasars ~ -1.5
@@ -41,6 +43,8 @@ BROAD_FWHM = (1000.0, 20000.0)
 NARROW_FWHM = (100.0, 1200.0)
 BROAD_SHIFT = 3000.0
 NARROW_SHIFT = 1000.0
+WING_FWHM = (500.0, 2500.0)
+WING_SHIFT = (-2000.0, 500.0)
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ def _same_kinematics(target: str, source: str) -> list[str]:
     return [f"{target}_shift = {source}_shift * 1", f"{target}_fwhm = {source}_fwhm * 1"]
 
 
-def _build_hbeta(spec, n_broad, feii, share_narrow, balmer, feii_template, window):
+def _build_hbeta(spec, n_broad, feii, share_narrow, balmer, feii_template, window, oiii_wing=False):
     from . import feii_component as feii_c
     from . import line, powerlaw
 
@@ -105,10 +109,17 @@ def _build_hbeta(spec, n_broad, feii, share_narrow, balmer, feii_template, windo
     ties = [f"oiii4959_flux = oiii5007_flux / {OIII_RATIO}", *_same_kinematics("oiii4959", "oiii5007")]
     if share_narrow:
         ties += _same_kinematics("hbeta_narrow", "oiii5007")
+    if oiii_wing:
+        # Outflow wing of the doublet: one more Gaussian per line, part of the same line (so
+        # flux("oiii5007") is core + wing), same 2.98 ratio and shared wing kinematics.
+        for nm in ("oiii5007", "oiii4959"):
+            comps.append(line(f"{nm}_wing", LINES[nm], fwhm=(1200.0, *WING_FWHM), shift=(-300.0, *WING_SHIFT),
+                              line_name=nm, line_kind="narrow"))
+        ties += [f"oiii4959_wing_flux = oiii5007_wing_flux / {OIII_RATIO}", *_same_kinematics("oiii4959_wing", "oiii5007_wing")]
     return comps, ties
 
 
-def _build_halpha(spec, n_broad, feii, share_narrow, balmer, feii_template, window):
+def _build_halpha(spec, n_broad, feii, share_narrow, balmer, feii_template, window, oiii_wing=False):
     from . import powerlaw
 
     comps = [powerlaw(ref_wavelength=spec.ref_wavelength)]
@@ -124,7 +135,7 @@ def _build_halpha(spec, n_broad, feii, share_narrow, balmer, feii_template, wind
     return comps, ties
 
 
-def _build_mgii(spec, n_broad, feii, share_narrow, balmer, feii_template, window):
+def _build_mgii(spec, n_broad, feii, share_narrow, balmer, feii_template, window, oiii_wing=False):
     from . import balmer_continuum, powerlaw
     from . import feii_component as feii_c
 
@@ -138,7 +149,7 @@ def _build_mgii(spec, n_broad, feii, share_narrow, balmer, feii_template, window
     return comps, []
 
 
-def _build_civ(spec, n_broad, feii, share_narrow, balmer, feii_template, window):
+def _build_civ(spec, n_broad, feii, share_narrow, balmer, feii_template, window, oiii_wing=False):
     from . import line, powerlaw
 
     comps = [powerlaw(ref_wavelength=spec.ref_wavelength)]
@@ -172,6 +183,7 @@ def region(
     share_narrow: bool | None = None,
     balmer: bool = False,
     feii_template=None,
+    oiii_wing: bool = False,
 ):
     """A built-in quasar region model.
 
@@ -197,6 +209,13 @@ def region(
     feii_template : optional
         Own FeII template: (wavelength, flux) arrays or a file path (see
         :func:`sheap_dask.models.feii.load_template`).
+    oiii_wing : bool
+        hbeta only: add a second Gaussian to each [OIII] line for the blueshifted outflow
+        wing common in quasars (``oiii5007_wing``, ``oiii4959_wing``: FWHM 500-2500 km/s,
+        shift -2000..+500 km/s; 4959 wing = 5007 wing / 2.98 with the same kinematics; +3
+        free parameters). The wing belongs to the line: ``fits.sheap.flux("oiii5007")`` is
+        core + wing. Without it a strong wing leaves a residual of many sigma on the blue
+        side of both [OIII] lines (e.g. SDSS spec-0280-51612-0117).
 
     Returns
     -------
@@ -222,20 +241,32 @@ def region(
         raise ModelError(f"region({name!r}, n_broad={n_broad!r}): n_broad must be an integer from 1 to 4.")
     if balmer and name != "mgii":
         raise ModelError(f"region({name!r}, balmer=True): the Balmer continuum (< 3646 A) only applies to the 'mgii' region.")
+    if oiii_wing and name != "hbeta":
+        raise ModelError(f"region({name!r}, oiii_wing=True): the [OIII] 4959/5007 wing only applies to the 'hbeta' region.")
     spec = REGIONS[name]
     win = spec.window if window is None else (float(window[0]), float(window[1]))
     if not win[0] < win[1]:
         raise ModelError(f"region({name!r}, window={window!r}): window must be (low, high) in Angstrom with low < high.")
     if share_narrow is None:
         share_narrow = name == "halpha"
-    comps, ties = spec.build(spec, int(n_broad), bool(feii), bool(share_narrow), bool(balmer), feii_template, win)
+    comps, ties = spec.build(spec, int(n_broad), bool(feii), bool(share_narrow), bool(balmer), feii_template, win, bool(oiii_wing))
+    metadata = {"region": name, "continuum_ref_wavelength": spec.ref_wavelength, "n_broad": int(n_broad), "references": _REFERENCES}
+    if feii_template is None or isinstance(feii_template, (str, bytes)) or hasattr(feii_template, "__fspath__"):
+        # How to rebuild this model (fit_dataset stores it as attrs["sheap_region"]); a
+        # user-passed template array is not JSON-serializable, so such models carry none.
+        kwargs = {"n_broad": int(n_broad), "feii": bool(feii), "window": [win[0], win[1]], "share_narrow": bool(share_narrow),
+                  "balmer": bool(balmer)}
+        if feii_template is not None:
+            kwargs["feii_template"] = str(feii_template if not isinstance(feii_template, bytes) else feii_template.decode())
+        if oiii_wing:
+            kwargs["oiii_wing"] = True
+        metadata["region_spec"] = {"name": name, "kwargs": kwargs}
     model = compose(
         *comps,
         ties=ties,
         name=name,
         window=win,
-        metadata={"region": name, "continuum_ref_wavelength": spec.ref_wavelength, "n_broad": int(n_broad),
-                  "references": _REFERENCES},
+        metadata=metadata,
         description=f"sheap_dask {spec.description} ({int(n_broad)} broad Gaussians)",
     )
     model.initializer = make_initializer(model, spec, win)
@@ -439,7 +470,10 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             return _solve_normal(A, w, y, nonneg)
 
         # 3. trial widths
-        shift = {c.name: (nshift[:, None] if c.line_kind == "narrow" else 0.0) for c in broad + narrow}
+        # narrow lines start at the anchor's shift plus their own default offset (an [OIII]
+        # outflow wing starts blueward of its core)
+        shift = {c.name: ((nshift + params[f"{c.name}_shift"].value)[:, None] if c.line_kind == "narrow" else 0.0)
+                 for c in broad + narrow}
         best_chi2 = np.full(n, np.inf)
         best_fwhm = {c.name: np.zeros(n) for c in broad + narrow}
         best_feii = np.zeros(n)
@@ -486,7 +520,7 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             centroid = np.clip(np.where(wsum.sum(1) > 0, centroid, 0.0), -0.5 * BROAD_SHIFT, 0.5 * BROAD_SHIFT)
             for c in main:
                 shift[c.name] = centroid[:, None]
-        others = [c for c in narrow if c.name != spec.anchor and tie_of[f"{c.name}_shift"] is None]
+        others = [c for c in narrow if c.line != spec.anchor and tie_of[f"{c.name}_shift"] is None]
         if main or others:
             A, keys = columns(fwhm_cols, shift, best_feii)
             x, _ = solve(A, keys)
