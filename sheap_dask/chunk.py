@@ -86,6 +86,9 @@ class ChunkOptions:
     return_history: bool | None = None
     dtype: str | None = None
     stage_iter: int | None = None
+    restarts: bool | None = None
+    redchi2_sigma: float | None = None
+    pinned_tolerance: float | None = None
 
     _CONFIG_KEYS = {
         "method": "fit.method",
@@ -110,6 +113,9 @@ class ChunkOptions:
         "return_history": "fit.return_history",
         "dtype": "fit.dtype",
         "stage_iter": "fit.lm_stage_iter",
+        "restarts": "fit.lm_restarts",
+        "redchi2_sigma": "fit.restart_redchi2_sigma",
+        "pinned_tolerance": "fit.restart_pinned_tolerance",
     }
 
     def resolved(self) -> ChunkOptions:
@@ -196,6 +202,13 @@ class _CompiledModel:
         self.free_index = np.array([self.names.index(n) for n in params.free_names], dtype=int)
         self.n_free = len(self.free_index)
         self.embed_matrix, self.embed_fixed_mask = _embedding(params)
+        # Parameters that belong together (one line's flux, shift, width): reset together.
+        components = model.metadata.get("components", {}) if isinstance(model.metadata, Mapping) else {}
+        self.component_groups = [
+            [self.names.index(p) for p in info.get("params", []) if p in self.names]
+            for info in components.values()
+            if isinstance(info, Mapping)
+        ]
 
         extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind}
         if options.method == "lm":
@@ -418,6 +431,9 @@ def fit_chunk(
         nonfinite = good & ~(np.all(np.isfinite(out["params"]), axis=1) & np.isfinite(out["chi2"]))
     out["status"][nonfinite] = Status.NONFINITE
 
+    if options.method == "lm" and options.restarts:
+        _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, dtype, options)
+
     if options.fallback == "slsqp":
         retry = _fallback_candidates(out, good, compiled, options)
         if retry.size:
@@ -504,6 +520,73 @@ def _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx) -> 
             raise InputDataError(f"init has shape {init.shape}; expected (n_spectra, n_params) = {start.shape}.")
         start = np.where(np.isfinite(init), init, start)
     return _clip_inside(start, compiled.lower, compiled.upper)
+
+
+def _pinned(params: np.ndarray, compiled, fraction: float) -> np.ndarray:
+    """(n, n_params) mask: free parameters within ``fraction`` of their range from a bound."""
+    lo, hi = compiled.lower, compiled.upper
+    span = hi - lo
+    near = np.zeros(params.shape, dtype=bool)
+    with np.errstate(invalid="ignore"):
+        finite_span = np.isfinite(span)
+        tol = np.where(finite_span, fraction * span, fraction * np.maximum(np.abs(params), 1.0))
+        near |= np.isfinite(lo) & (params - lo < tol)
+        near |= np.isfinite(hi) & (hi - params < tol)
+    free = np.zeros(compiled.n_params, dtype=bool)
+    free[compiled.free_index] = True
+    return near & free
+
+
+def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, dtype, options) -> None:
+    """Batched LM restarts for fits stuck in a local minimum; keeps the best of three.
+
+    A parameter driven onto a bound (a line flux at 0, a shift at its limit) has a vanishing
+    gradient in the optimizer's bounded coordinates, so LM cannot bring it back even when
+    the fit is clearly poor. Suspects are spectra with a reduced chi-square above
+    ``median * (1 + redchi2_sigma * sqrt(2 / dof))`` or a pinned parameter. Each is re-fitted
+    twice in one batch: with its pinned parameters reset to their initial values, and with
+    the whole components of its pinned parameters reset; the lowest chi-square is kept.
+    """
+    redchi2 = out["redchi2"]
+    ok = good & (out["status"] == Status.CONVERGED) & np.isfinite(redchi2)
+    if not ok.any():
+        return
+    median = float(np.median(redchi2[ok]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        outlier = redchi2 > median * (1.0 + options.redchi2_sigma * np.sqrt(2.0 / np.maximum(out["dof"], 1)))
+    pinned = _pinned(out["params"], compiled, options.pinned_tolerance)
+    suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (redchi2 > median))))
+    if suspects.size == 0:
+        return
+    pinned = pinned[suspects]
+    whole = pinned.copy()
+    for group in compiled.component_groups:
+        whole[:, group] |= whole[:, group].any(axis=1, keepdims=True)
+    current = out["params"][suspects]
+    starts = np.concatenate([np.where(pinned, start[suspects], current), np.where(whole, start[suspects], current)])
+    rows = np.concatenate([suspects, suspects])
+    solver = compiled.straggler_minimizer or compiled.minimizer
+    group = max(1, min(len(start), max(8, len(start) // 4))) if compiled.straggler_minimizer else len(start)
+    cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731
+    constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
+    for first in range(0, rows.size, group):  # groups of restarts, not a loop over spectra
+        idx = np.arange(first, min(first + group, rows.size))
+        take = np.concatenate([idx, np.full(group - idx.size, idx[0])])
+        r = rows[take]
+        wl_g = wl[r] if wl.ndim == 2 else wl
+        res = solver.run(cast(starts[take]), cast(clean_flux[r]), cast(wl_g), cast(errors[r]), cast(constraints))
+        params = np.asarray(res.params, dtype=np.float64)
+        chi2, jtj_g = compiled.post(cast(params), cast(wl_g), cast(clean_flux[r]), cast(errors[r]))
+        for k in range(idx.size):  # bookkeeping per restart of this group (vectorised solve above)
+            i = r[k]
+            if res.status[k] == Status.CONVERGED and np.isfinite(chi2[k]) and chi2[k] < out["chi2"][i]:
+                out["params"][i] = params[k]
+                out["chi2"][i] = chi2[k]
+                out["loss"][i] = float(res.loss[k])
+                out["n_iter"][i] += int(res.n_iter[k])
+                jtj[i] = jtj_g[k]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["redchi2"][suspects] = out["chi2"][suspects] / np.where(out["dof"][suspects] > 0, out["dof"][suspects], np.nan)
 
 
 def _fallback_candidates(out, good, compiled, options) -> np.ndarray:
