@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -170,16 +171,20 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 # --------------------------------------------------------------------------------------
 _CACHE: dict[tuple, _CompiledModel] = {}
 _CACHE_LOCK = threading.Lock()
-_STATS = {"solver_builds": 0, "traces": 0}
+_STATS = {"solver_builds": 0, "traces": 0, "chunks": 0, "compiling_chunks": 0, "compiling_seconds": 0.0, "warm_seconds": 0.0}
 
 
 def compile_stats() -> dict:
-    """Counts of compiled-program builds and traces in this process (for tests/benchmarks).
+    """Compile and timing counters of this process (for tests and benchmarks).
 
-    ``traces`` counts how often the batched solve or the post-processing was traced by JAX;
-    it does not grow when later chunks reuse the programs.
+    ``traces`` counts JAX traces of the batched solves and the post-processing (it stays
+    constant once every shape of a fit has been compiled); ``compiling_chunks`` counts the
+    chunks during which something was compiled and ``compiling_seconds`` their wall time,
+    ``warm_seconds`` the wall time of the other chunks.
     """
-    return dict(_STATS)
+    stats = dict(_STATS)
+    stats["traces"] += sum(c.minimizer.n_compilations + (c.straggler_minimizer.n_compilations if c.straggler_minimizer else 0) for c in _CACHE.values())
+    return stats
 
 
 class _CompiledModel:
@@ -264,8 +269,14 @@ class _CompiledModel:
         self._slsqp = None
 
     def post(self, phys, wavelength, flux, errors):
+        """Chi-square and J^T W J, always in float64: the covariance needs the precision
+        even when the solve ran in float32."""
+        import jax
+
         fn = self._post_2d if np.ndim(wavelength) == 2 else self._post
-        chi2, jtj = fn(phys, wavelength, flux, errors)
+        f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+        with jax.enable_x64(True):
+            chi2, jtj = fn(f64(phys), f64(wavelength), f64(flux), f64(errors))
         return np.asarray(chi2, dtype=np.float64), np.asarray(jtj, dtype=np.float64)
 
     def slsqp(self):
@@ -367,9 +378,20 @@ def fit_chunk(
         ``n_iter`` (n_spectra,); and ``loss_history`` (n_spectra, num_steps) when
         ``options.return_history``.
     """
+    options = (options or ChunkOptions()).resolved()
+    traces_before, t0 = compile_stats()["traces"], time.perf_counter()
+    out = _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    compiled = compile_stats()["traces"] != traces_before
+    _STATS["chunks"] += 1
+    if compiled:
+        _STATS["compiling_chunks"] += 1
+    _STATS["compiling_seconds" if compiled else "warm_seconds"] += time.perf_counter() - t0
+    return out
+
+
+def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function) -> dict[str, np.ndarray]:
     import jax
 
-    options = (options or ChunkOptions()).resolved()
     dtype = np.dtype(options.dtype)
     flux = np.asarray(flux)
     ivar = np.asarray(ivar)
@@ -413,9 +435,7 @@ def fit_chunk(
     constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
     with jax.enable_x64(options.dtype == "float64"):
         solved = _batched_solve(compiled, start[take], clean_flux[take], wl_b, errors[take], constraints, dtype, options)
-        chi2_b, jtj_b = compiled.post(
-            solved["params"].astype(dtype), wl_b.astype(dtype), clean_flux[take].astype(dtype), errors[take].astype(dtype)
-        )
+        chi2_b, jtj_b = compiled.post(solved["params"], wl_b, clean_flux[take], errors[take])
     sel = slice(0, good_idx.size)
     for name in ("params", "loss", "status", "n_iter"):
         out[name][good_idx] = solved[name][sel]
@@ -576,7 +596,7 @@ def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, d
         wl_g = wl[r] if wl.ndim == 2 else wl
         res = solver.run(cast(starts[take]), cast(clean_flux[r]), cast(wl_g), cast(errors[r]), cast(constraints))
         params = np.asarray(res.params, dtype=np.float64)
-        chi2, jtj_g = compiled.post(cast(params), cast(wl_g), cast(clean_flux[r]), cast(errors[r]))
+        chi2, jtj_g = compiled.post(params, wl_g, clean_flux[r], errors[r])
         for k in range(idx.size):  # bookkeeping per restart of this group (vectorised solve above)
             i = r[k]
             if res.status[k] == Status.CONVERGED and np.isfinite(chi2[k]) and chi2[k] < out["chi2"][i]:
@@ -652,10 +672,7 @@ def _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, opti
 
 
 def _jtj_single(compiled, phys, wl, flux, err) -> np.ndarray:
-    import jax
-
-    with jax.enable_x64(True):
-        _, jtj = compiled.post(phys[None], wl if wl.ndim == 1 else wl[None], flux[None], err[None])
+    _, jtj = compiled.post(phys[None], wl if wl.ndim == 1 else wl[None], flux[None], err[None])
     return jtj[0]
 
 

@@ -76,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("files", nargs="+", help="SDSS spec/spec-lite FITS files (and finally the output store)")
     g.add_argument("--chunk", type=int, default=256, help="spectra per chunk of the store")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    g.add_argument("--mask-bits", default="default", help="and_mask bits that mask a pixel: default, all, none or comma-separated names")
+    g.add_argument("--ebv", default=None, help="Galactic E(B-V) to de-redden with: a number, sfd or sf11 (from the files)")
+    g.add_argument("--dereddening", default="ccm89", choices=["ccm89", "odonnell94", "f99"], help="extinction law (default ccm89)")
+    g.add_argument("--wavelength-range", nargs=2, type=float, default=None, metavar=("MIN", "MAX"), help="keep only this observed range (Angstrom)")
+    g.add_argument("--jobs", type=int, default=None, help="parallel file readers (default: CPU count)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_ingest)
     return p
 
@@ -189,7 +195,22 @@ def _cmd_ingest(args) -> int:
         print("error: give one or more FITS files and then the output store", file=sys.stderr)
         return 2
     *files, out = args.files
-    ds = ingest_sdss(files, out, chunk=args.chunk, overwrite=args.overwrite)
+    mask_bits = args.mask_bits if args.mask_bits in ("default", "all", "none") else [b.strip() for b in args.mask_bits.split(",")]
+    ebv = args.ebv
+    if ebv is not None and ebv not in ("sfd", "sf11"):
+        ebv = float(ebv)
+    ds = ingest_sdss(
+        files,
+        out,
+        chunk=args.chunk,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+        mask_bits=mask_bits,
+        ebv=ebv,
+        dereddening=args.dereddening,
+        wavelength_range=tuple(args.wavelength_range) if args.wavelength_range else None,
+        n_jobs=args.jobs,
+    )
     print(f"{out}: {ds.sizes.get('spectrum', 0)} spectra x {ds.sizes.get('wavelength', 0)} pixels")
     return 0
 

@@ -68,6 +68,7 @@ def fit_dataset(
     progress: bool | None = None,
     return_history: bool | None = None,
     chunk_size: int | None = None,
+    dtype: str | None = None,
     storage_options: Mapping | None = None,
 ) -> xr.Dataset:
     """Fit ``model`` to every spectrum of ``ds`` on a Dask cluster.
@@ -121,6 +122,9 @@ def fit_dataset(
         Add ``loss_history`` (spectrum, step).
     chunk_size : int, optional
         Spectra per chunk when ``ds`` is not chunked yet (default: from the model size).
+    dtype : {"float32", "float64"}, optional
+        Precision of the batched solve (default float32; chi-square, errors and the
+        fallback are always float64).
     storage_options : mapping, optional
         Passed to fsspec when ``ds`` or ``store`` is a URL.
 
@@ -176,6 +180,7 @@ def fit_dataset(
         redchi2_floor=fallback_options.get("redchi2_floor"),
         pinned_fraction=fallback_options.get("pinned_fraction"),
         return_history=return_history,
+        dtype=dtype,
     ).resolved()
     resume = config.resolve(resume, "fit.resume")
     progress = config.resolve(progress, "fit.progress")

@@ -14,7 +14,7 @@ import sheap_dask as sd
 from sheap_dask.errors import InputDataError, OptionError, ResumeMismatchError
 from sheap_dask.status import Status
 
-FAST = dict(method="lm", num_steps=100, progress=False)
+FAST = dict(method="lm", num_steps=100, progress=False, dtype="float64")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,91 @@
+"""Overhead of the Dataset layer: end-to-end fit_dataset (zarr -> zarr) vs the bare solver.
+
+* ``bare``: the compiled, batched solve of every chunk (``_batched_solve``: the vmapped LM
+  and its straggler stage), called in this process on arrays already in memory, warm.
+* ``end_to_end``: ``fit_dataset`` from the zarr store to a zarr store on a one-worker
+  ``LocalCluster`` (reading, screening, initial values, the solve, restarts, the SLSQP
+  fallback, errors, writing, scheduling), warm (second run, programs cached on the worker).
+
+Target (issue 6): end_to_end / bare <= 1.3. Prints one JSON line.
+Run: ``python benchmarks/bench_overhead.py [--n 400] [--chunk 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import xarray as xr
+from _common import emit, local_cluster, machine, reference_store, timed
+
+import sheap_dask as sd
+from sheap_dask.chunk import ChunkOptions, _batched_solve, _get_compiled
+
+
+def bare_seconds(store: Path, model, chunk: int) -> tuple[float, float]:
+    """(seconds of the bare batched solves over all chunks, seconds of the first call)."""
+    ds = xr.open_zarr(store).compute()
+    options = ChunkOptions().resolved()
+    compiled = _get_compiled(model, options)
+    dtype = np.dtype(options.dtype)
+    wl = ds.wavelength.values
+    constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
+    batches = []
+    for a in range(0, ds.sizes["spectrum"], chunk):
+        flux = ds.flux.values[a : a + chunk].astype(np.float64)
+        ivar = ds.ivar.values[a : a + chunk].astype(np.float64)
+        use = np.isfinite(flux) & (ivar > 0)
+        good = use.sum(1) > model.n_free
+        flux, ivar, use = flux[good], ivar[good], use[good]
+        start = model.initial_values(wl, np.where(use, flux, np.nan), np.where(use, ivar, 0.0))
+        take = np.concatenate([np.arange(len(flux)), np.zeros(chunk - len(flux), dtype=int)])
+        err = np.where(use, 1 / np.sqrt(np.where(use, ivar, 1.0)), np.inf)
+        batches.append((start[take], np.where(use, flux, 0.0)[take], err[take]))
+    with jax.enable_x64(options.dtype == "float64"):
+        t0 = time.perf_counter()
+        _batched_solve(compiled, *batches[0][:2], wl, batches[0][2], constraints, dtype, options)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for start, flux, err in batches:
+            _batched_solve(compiled, start, flux, wl, err, constraints, dtype, options)
+        return time.perf_counter() - t0, first
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--chunk", type=int, default=100)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sheap_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    store = reference_store(work / f"spectra_{args.n}.zarr", args.n, args.chunk)
+    model = sd.models.region("hbeta")
+
+    with local_cluster(1) as client:
+        run = lambda out: sd.fit_dataset(str(store), model, client=client, store=str(out), resume=False, progress=False)  # noqa: E731
+        _, cold = timed(run, work / "e2e_cold.zarr")
+        _, warm = timed(run, work / "e2e_warm.zarr")
+    bare, bare_first = bare_seconds(store, model, args.chunk)
+    emit(
+        {
+            "benchmark": "overhead",
+            "n_spectra": args.n,
+            "chunk": args.chunk,
+            **machine(),
+            "bare_solver_seconds": round(bare, 3),
+            "end_to_end_seconds_warm": round(warm, 3),
+            "end_to_end_seconds_cold": round(cold, 3),
+            "bare_first_call_seconds": round(bare_first, 3),
+            "overhead_ratio_warm": round(warm / bare, 3),
+            "target_ratio": 1.3,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
