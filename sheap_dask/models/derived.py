@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputDataError, ModelError, OptionError
+from ..parameters import _apply_op
 
 __all__ = [
     "C_KMS",
@@ -438,14 +439,6 @@ def _compiled(model, kind: str, key: tuple, n_samples: int, batch_size: int):
     return jax.jit(values), jax.jit(errors)
 
 
-def _apply_op(x, op: str, operand: float):
-    if op == "*":
-        return x * operand
-    if op == "/":
-        return x / operand
-    if op == "+":
-        return x + operand
-    return x - operand
 
 
 def _build(model, kind: str, key: tuple):
