@@ -319,6 +319,7 @@ def _tie_offsets(params, phys_full: np.ndarray) -> np.ndarray:
 
 
 def _get_compiled(model, options: ChunkOptions, penalty_function=None) -> _CompiledModel:
+    config.enable_compilation_cache()
     key = (model.fingerprint(), options, id(penalty_function) if penalty_function else None)
     with _CACHE_LOCK:
         compiled = _CACHE.get(key)
