@@ -197,3 +197,44 @@ def test_result_rebuilds_model_and_plots(hbeta):
     fig = hbeta.sheap.plot(spectrum=0)
     assert len(fig.axes) >= 2
     matplotlib.pyplot.close(fig)
+
+
+# -- model pieces the real spectra needed (no data files) -------------------------------------
+@pytest.mark.parametrize("name,kwargs", [("hbeta", {}), ("hbeta", {"oiii_wing": True, "n_broad": 3}), ("halpha", {"share_narrow": False}),
+                                         ("mgii", {"balmer": True}), ("civ", {"window": (1460.0, 1690.0)})])
+def test_region_spec_rebuilds_the_model(name, kwargs):
+    model = sd.models.region(name, **kwargs)
+    spec = json.loads(json.dumps(model.metadata["region_spec"]))  # JSON round trip
+    assert spec["name"] == name
+    rebuilt = sd.models.region(spec["name"], **spec["kwargs"])
+    assert rebuilt.fingerprint() == model.fingerprint() and rebuilt.param_names == model.param_names
+
+
+def test_region_spec_omitted_for_template_arrays(tmp_path):
+    wl = np.linspace(4000.0, 6000.0, 2001)
+    flux = np.exp(-0.5 * ((wl - 4924.0) / 3.0) ** 2) + np.exp(-0.5 * ((wl - 5018.0) / 3.0) ** 2)
+    assert "region_spec" not in sd.models.region("hbeta", feii_template=(wl, flux)).metadata
+    path = tmp_path / "feii.txt"
+    np.savetxt(path, np.column_stack([wl, flux]))
+    model = sd.models.region("hbeta", feii_template=path)
+    spec = json.loads(json.dumps(model.metadata["region_spec"]))
+    assert spec["kwargs"]["feii_template"] == str(path)
+    assert sd.models.region("hbeta", **spec["kwargs"]).fingerprint() == model.fingerprint()
+
+
+def test_oiii_wing_model():
+    model = sd.models.region("hbeta", oiii_wing=True)
+    assert model.n_free == 23
+    assert model.metadata["lines"]["oiii5007"]["components"] == ["oiii5007", "oiii5007_wing"]
+    assert model.params["oiii4959_wing_flux"].tie == ("oiii4959_wing_flux", "oiii5007_wing_flux", "/", 2.98)
+    assert model.params["oiii4959_wing_fwhm"].tie[1] == "oiii5007_wing_fwhm"
+    with pytest.raises(ValueError, match="oiii_wing"):
+        sd.models.region("halpha", oiii_wing=True)
+    # the initializer starts the wing blueward of the core, with a positive flux and the tie
+    ds = sd.io.synthetic_spectra(8, seed=2)
+    init = model.initial_values(ds.wavelength.values, ds.flux.values, ds.ivar.values)
+    i = model.params.index
+    ok = ~ds.all_nan.values
+    assert (init[ok, i("oiii5007_wing_flux")] > 0).all()
+    assert (init[ok, i("oiii5007_wing_shift")] < init[ok, i("oiii5007_shift")]).all()
+    np.testing.assert_allclose(init[:, i("oiii5007_wing_flux")], 2.98 * init[:, i("oiii4959_wing_flux")], rtol=1e-12)

@@ -471,9 +471,13 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
 
         # 3. trial widths
         # narrow lines start at the anchor's shift plus their own default offset (an [OIII]
-        # outflow wing starts blueward of its core)
-        shift = {c.name: ((nshift + params[f"{c.name}_shift"].value)[:, None] if c.line_kind == "narrow" else 0.0)
-                 for c in broad + narrow}
+        # outflow wing starts blueward of its core), kept 5% of the range inside the bounds
+        def narrow_start(c):
+            _, lo, hi = value_spec(f"{c.name}_shift")
+            margin = 0.05 * (hi - lo)
+            return np.clip(nshift + params[f"{c.name}_shift"].value, lo + margin, hi - margin)[:, None]
+
+        shift = {c.name: (narrow_start(c) if c.line_kind == "narrow" else 0.0) for c in broad + narrow}
         best_chi2 = np.full(n, np.inf)
         best_fwhm = {c.name: np.zeros(n) for c in broad + narrow}
         best_feii = np.zeros(n)
