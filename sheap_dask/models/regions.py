@@ -220,7 +220,10 @@ def region(
     Returns
     -------
     Model
-        With ``metadata["region"]``, the line catalogue, a data-driven ``initializer``.
+        With ``metadata["region"]``, the line catalogue, a data-driven ``initializer`` and
+        ``metadata["region_spec"]`` = ``{"name": name, "kwargs": {...}}``, the JSON-serializable
+        arguments that rebuild it (``fit_dataset`` stores it as ``attrs["sheap_region"]``);
+        omitted when ``feii_template`` is given as arrays.
         ``region("hbeta")`` has 20 free parameters: powerlaw norm, index (2); feii
         amplitude, fwhm, shift (3); hbeta_broad1/2 flux, shift, fwhm (6); hbeta_narrow flux,
         shift, fwhm (3); oiii5007 flux, shift, fwhm (3; oiii4959 tied: flux = 5007/2.98,
