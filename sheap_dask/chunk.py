@@ -79,8 +79,7 @@ class ChunkOptions:
     fallback: str | None = None
     fallback_tol: float | None = None
     fallback_maxiter: int | None = None
-    redchi2_factor: float | None = None
-    redchi2_floor: float | None = None
+    fallback_redchi2_sigma: float | None = None
     pinned_fraction: float | None = None
     error_scale: str | None = None
     min_extra_pixels: int | None = None
@@ -106,8 +105,7 @@ class ChunkOptions:
         "fallback": "fallback.method",
         "fallback_tol": "fallback.tol",
         "fallback_maxiter": "fallback.maxiter",
-        "redchi2_factor": "fallback.redchi2_factor",
-        "redchi2_floor": "fallback.redchi2_floor",
+        "fallback_redchi2_sigma": "fallback.redchi2_sigma",
         "pinned_fraction": "fallback.pinned_fraction",
         "error_scale": "errors.scale",
         "min_extra_pixels": "screen.min_extra_pixels",
@@ -436,6 +434,10 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
     with jax.enable_x64(options.dtype == "float64"):
         solved = _batched_solve(compiled, start[take], clean_flux[take], wl_b, errors[take], constraints, dtype, options)
+        # Ties and fixed values rebuilt in float64 from the free parameters: exact whatever
+        # precision the solve ran in.
+        phys = solved["params"]
+        solved["params"] = _tie_offsets(compiled.model.params, phys) + phys[:, compiled.free_index] @ compiled.embed_matrix.T
         chi2_b, jtj_b = compiled.post(solved["params"], wl_b, clean_flux[take], errors[take])
     sel = slice(0, good_idx.size)
     for name in ("params", "loss", "status", "n_iter"):
@@ -558,6 +560,13 @@ def _pinned(params: np.ndarray, compiled, fraction: float) -> np.ndarray:
     return near & free
 
 
+def _redchi2_outlier(redchi2, dof, median: float, n_sigma: float) -> np.ndarray:
+    """Reduced chi-square more than ``n_sigma`` standard deviations (sqrt(2/dof) for a
+    chi-square) above the chunk's median, scaled by that median (real data rarely sit at 1)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return redchi2 > median * (1.0 + n_sigma * np.sqrt(2.0 / np.maximum(dof, 1)))
+
+
 def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, dtype, options) -> None:
     """Batched LM restarts for fits stuck in a local minimum; keeps the best of three.
 
@@ -573,8 +582,7 @@ def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, d
     if not ok.any():
         return
     median = float(np.median(redchi2[ok]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        outlier = redchi2 > median * (1.0 + options.redchi2_sigma * np.sqrt(2.0 / np.maximum(out["dof"], 1)))
+    outlier = _redchi2_outlier(redchi2, out["dof"], median, options.redchi2_sigma)
     pinned = _pinned(out["params"], compiled, options.pinned_tolerance)
     suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (redchi2 > median))))
     if suspects.size == 0:
@@ -617,8 +625,7 @@ def _fallback_candidates(out, good, compiled, options) -> np.ndarray:
     redchi2 = out["redchi2"]
     converged = good & (status == Status.CONVERGED) & np.isfinite(redchi2)
     if converged.any():
-        threshold = max(options.redchi2_factor * float(np.median(redchi2[converged])), options.redchi2_floor)
-        bad |= converged & (redchi2 > threshold)
+        bad |= converged & _redchi2_outlier(redchi2, out["dof"], float(np.median(redchi2[converged])), options.fallback_redchi2_sigma)
     if options.pinned_fraction and options.pinned_fraction > 0:
         lo, hi = compiled.lower[compiled.free_index], compiled.upper[compiled.free_index]
         span = np.where(np.isfinite(hi - lo), hi - lo, np.inf)

@@ -103,7 +103,7 @@ def fit_dataset(
     fallback : {"slsqp", "none"}
         Re-fit failed spectra with NLopt's SLSQP on the worker.
     fallback_options : mapping
-        ``tol``, ``maxiter``, ``redchi2_factor``, ``redchi2_floor``, ``pinned_fraction``.
+        ``tol``, ``maxiter``, ``redchi2_sigma``, ``pinned_fraction`` (see ``sheap_dask.yaml``).
     init : DataArray or mapping, optional
         Initial values: a (``dim``, param) DataArray, or a mapping name -> scalar or
         (``dim``,) DataArray, like ``curvefit``'s ``p0``. Unspecified values come from the
@@ -155,11 +155,10 @@ def fit_dataset(
         )
     _check_model(model)
     fallback_options = dict(fallback_options or {})
-    unknown = set(fallback_options) - {"tol", "maxiter", "redchi2_factor", "redchi2_floor", "pinned_fraction"}
+    unknown = set(fallback_options) - {"tol", "maxiter", "redchi2_sigma", "pinned_fraction"}
     if unknown:
         raise OptionError(
-            f"fallback_options has unknown keys {sorted(unknown)}; allowed: tol, maxiter, redchi2_factor, "
-            "redchi2_floor, pinned_fraction."
+            f"fallback_options has unknown keys {sorted(unknown)}; allowed: tol, maxiter, redchi2_sigma, pinned_fraction."
         )
     options = ChunkOptions(
         method=method,
@@ -176,8 +175,7 @@ def fit_dataset(
         fallback=fallback,
         fallback_tol=fallback_options.get("tol"),
         fallback_maxiter=fallback_options.get("maxiter"),
-        redchi2_factor=fallback_options.get("redchi2_factor"),
-        redchi2_floor=fallback_options.get("redchi2_floor"),
+        fallback_redchi2_sigma=fallback_options.get("redchi2_sigma"),
         pinned_fraction=fallback_options.get("pinned_fraction"),
         return_history=return_history,
         dtype=dtype,
