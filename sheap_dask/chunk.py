@@ -23,6 +23,7 @@ import json
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -265,6 +266,7 @@ class _CompiledModel:
         chi2_free.errordef = 1.0
         self.chi2_free = chi2_free  # one function object: SLSQP caches its compiled gradient
         self._slsqp = None
+        self._warm = False
 
     def post(self, phys, wavelength, flux, errors):
         """Chi-square and J^T W J, always in float64: the covariance needs the precision
@@ -276,6 +278,38 @@ class _CompiledModel:
         with jax.enable_x64(True):
             chi2, jtj = fn(f64(phys), f64(wavelength), f64(flux), f64(errors))
         return np.asarray(chi2, dtype=np.float64), np.asarray(jtj, dtype=np.float64)
+
+    def warm_up(self, start, flux, wavelength, errors, batch: int, dtype) -> None:
+        """Compile, during a worker's first chunk, every program a later chunk may need.
+
+        The straggler/restart batch, its post-processing and the SLSQP fallback are only
+        needed when some spectrum is slow or stuck; compiled lazily, a worker would stop to
+        compile them in the middle of a run, whenever such a spectrum first turns up.
+        ``start``, ``flux``, ``wavelength`` (1-D or one row) and ``errors`` describe one spectrum.
+        """
+        if self._warm:
+            return
+        self._warm = True
+        constraints = np.stack([self.lower, self.upper], axis=-1).astype(dtype)
+        if self.straggler_minimizer is not None:
+            group = _group_size(batch)
+            rep = lambda a: np.repeat(np.asarray(a)[None], group, axis=0)  # noqa: E731
+            wl_g = wavelength if np.ndim(wavelength) == 1 else rep(wavelength)
+            self.straggler_minimizer.run(rep(start).astype(dtype), rep(flux).astype(dtype), np.asarray(wl_g).astype(dtype), rep(errors).astype(dtype), constraints)
+            self.post(rep(start), wl_g, rep(flux), rep(errors))
+        if self.options.fallback == "slsqp":
+            from .slsqp import SLSQP
+
+            self.post(np.asarray(start)[None], wavelength if np.ndim(wavelength) == 1 else np.asarray(wavelength)[None], np.asarray(flux)[None], np.asarray(errors)[None])
+            free = self.free_index
+            offsets = _tie_offsets(self.model.params, np.asarray(start, dtype=np.float64)[None])[0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                SLSQP(tol=self.options.fallback_tol, maxiter=3).minimize(
+                    self.chi2_free,
+                    params={"value": np.asarray(start, dtype=np.float64)[free], "lower": self.lower[free], "upper": self.upper[free]},
+                    args=(offsets, np.asarray(wavelength, dtype=np.float64), np.asarray(flux, dtype=np.float64), np.asarray(errors, dtype=np.float64)),
+                )
 
     def slsqp(self):
         if self._slsqp is None:
@@ -433,6 +467,8 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     wl_b = wl[take] if wl.ndim == 2 else wl
     constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
     with jax.enable_x64(options.dtype == "float64"):
+        first = good_idx[0]
+        compiled.warm_up(start[first], clean_flux[first], wl_b if wl.ndim == 1 else wl[first], errors[first], batch, dtype)
         solved = _batched_solve(compiled, start[take], clean_flux[take], wl_b, errors[take], constraints, dtype, options)
         # Ties and fixed values rebuilt in float64 from the free parameters: exact whatever
         # precision the solve ran in.
@@ -481,7 +517,7 @@ def _batched_solve(compiled, start, flux, wl, errors, constraints, dtype, option
         return solved
     todo = np.flatnonzero(solved["status"] == Status.MAX_ITER)
     batch = len(start)
-    group = max(1, min(batch, max(8, batch // 4)))
+    group = _group_size(batch)
     tail = compiled.straggler_minimizer.num_steps
     history = np.concatenate([solved["loss_history"], np.repeat(solved["loss"][:, None], tail, axis=1)], axis=1)
     for first in range(0, todo.size, group):  # loops over groups of stragglers, not spectra
@@ -497,6 +533,11 @@ def _batched_solve(compiled, start, flux, wl, errors, constraints, dtype, option
         history[rows, compiled.stage_iter :] = np.asarray(again.loss_history, dtype=np.float64)[:k]
     solved["loss_history"] = history
     return solved
+
+
+def _group_size(batch: int) -> int:
+    """Batch size of the straggler and restart solves: a quarter of the chunk, at least 8."""
+    return max(1, min(batch, max(8, batch // 4)))
 
 
 def _to_rest_frame(wavelength, flux, ivar, redshift):
@@ -595,7 +636,7 @@ def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, d
     starts = np.concatenate([np.where(pinned, start[suspects], current), np.where(whole, start[suspects], current)])
     rows = np.concatenate([suspects, suspects])
     solver = compiled.straggler_minimizer or compiled.minimizer
-    group = max(1, min(len(start), max(8, len(start) // 4))) if compiled.straggler_minimizer else len(start)
+    group = _group_size(len(start)) if compiled.straggler_minimizer else len(start)
     cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731
     constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
     for first in range(0, rows.size, group):  # groups of restarts, not a loop over spectra
