@@ -706,7 +706,10 @@ def _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, opti
                 out["status"][i] = Status.FAILED
             continue
         old = out["chi2"][i]
-        if np.isfinite(res.fmin) and not (res.fmin >= old):  # also when old is NaN
+        # A converged batch fit (re-fitted only as a chi-square outlier) is replaced only by
+        # a converged SLSQP fit: a lower but unconverged chi-square would lose its status.
+        was_converged = out["status"][i] == Status.CONVERGED
+        if np.isfinite(res.fmin) and not (res.fmin >= old) and (res.converged or not was_converged):  # also when old is NaN
             x = np.asarray(res.values, dtype=np.float64)
             out["params"][i] = offsets[k] + compiled.embed_matrix @ x
             out["chi2"][i] = out["loss"][i] = res.fmin
