@@ -61,6 +61,8 @@ RUN apt-get update \
     && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/sheap --shell /usr/sbin/nologin sheap
 
 COPY --from=builder /opt/sheap-dask /opt/sheap-dask
+# Nanny settings for JAX workers (malloc thresholds set before each worker process starts).
+COPY --from=builder /src/sheap_dask/distributed_nanny.yaml /etc/dask/sheap_dask_nanny.yaml
 
 # Scratch paths live under /tmp so that the root filesystem can be mounted read-only
 # (the Helm chart mounts an emptyDir there).

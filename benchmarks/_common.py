@@ -28,13 +28,11 @@ def reference_store(path: Path, n: int, chunk: int, seed: int = 0) -> Path:
 @contextmanager
 def local_cluster(n_workers: int = 2):
     """``LocalCluster(n_workers, threads_per_worker=1)`` with XLA sized to one core each."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from sheap_dask.fit import _worker_env
+    from sheap_dask.fit import start_local_cluster
 
-    with LocalCluster(
-        n_workers=n_workers, threads_per_worker=1, dashboard_address=":0", env=_worker_env(1), silence_logs=40
-    ) as cluster, Client(cluster) as client:
+    with start_local_cluster(n_workers, 1) as cluster, Client(cluster) as client:
         yield client
 
 

@@ -17,12 +17,14 @@ import os
 import sys
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+import yaml
 
 from . import config
 from ._version import __version__
@@ -534,7 +536,7 @@ def _resolve_client(client):
         return client, None
     if dask.config.get("scheduler", None) in _LOCAL_SCHEDULERS:
         return None, None
-    from distributed import Client, LocalCluster, default_client
+    from distributed import Client, default_client
 
     try:
         return default_client(), None
@@ -542,18 +544,35 @@ def _resolve_client(client):
         pass
     n_workers = config.get("cluster.n_workers") or config._cpu_share()
     threads = int(config.get("cluster.threads_per_worker") or 1)
-    env = _worker_env(threads)
-    cluster = LocalCluster(
-        n_workers=int(n_workers),
-        threads_per_worker=threads,
-        processes=True,  # spawn: JAX deadlocks in forked processes
-        dashboard_address=config.get("cluster.dashboard_address"),
-        memory_limit=config.get("cluster.memory_limit"),
-        env=env,
-        silence_logs=logging.WARNING,
-    )
+    cluster = start_local_cluster(int(n_workers), threads)
     logger.info("started a LocalCluster with %d workers: %s", n_workers, cluster.dashboard_link)
     return Client(cluster), cluster
+
+
+def start_local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs):
+    """A ``LocalCluster`` set up for JAX workers.
+
+    Spawned worker processes (JAX deadlocks in forked ones), XLA's and BLAS's thread pools
+    sized to each worker's threads, glibc malloc settings that keep XLA's buffers cheap
+    (``distributed_nanny.yaml``), a free dashboard port.
+    """
+    from distributed import LocalCluster
+
+    options = dict(
+        processes=True,
+        dashboard_address=config.get("cluster.dashboard_address"),
+        memory_limit=config.get("cluster.memory_limit"),
+        env=_worker_env(threads_per_worker),
+        silence_logs=logging.WARNING,
+    )
+    options.update(kwargs)
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_NANNY_ENVIRON}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **options)
+
+
+with open(Path(__file__).with_name("distributed_nanny.yaml")) as _f:
+    _NANNY_ENVIRON = {k: str(v) for k, v in yaml.safe_load(_f)["distributed"]["nanny"]["pre-spawn-environ"].items()}
 
 
 def _worker_env(threads: int) -> dict:
