@@ -5,14 +5,14 @@ Run:  python examples/local_cluster.py [N_SPECTRA]
 
 import sys
 
-from dask.distributed import Client, LocalCluster
+from dask.distributed import Client
 
 import sheap_dask as sd
 
 
 def main(n_spectra: int = 200) -> None:
-    # One single-threaded worker per core: JAX brings its own threads (sized by sheap_dask).
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+    # One single-threaded worker per core, spawned, XLA threads and malloc set up for JAX.
+    with sd.start_local_cluster(n_workers=2) as cluster, Client(cluster) as client:
         print("dashboard:", client.dashboard_link)
         ds = sd.io.synthetic_spectra(n_spectra, seed=1).chunk({"spectrum": 50})
         model = sd.models.region("hbeta")

@@ -22,6 +22,7 @@ _LAZY = {
     "Status": "status",
     "fit_chunk": "chunk",
     "fit_dataset": "fit",
+    "start_local_cluster": "fit",
 }
 _SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status", "model", "cli", "synthetic", "lm"}
 
