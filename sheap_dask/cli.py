@@ -25,7 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    # distributed logs every worker start/stop at INFO: only with -v.
+    # distributed logs every worker start/stop at INFO: only with -v. Importing it first,
+    # because its import sets its own logger levels from dask.config.
+    import distributed  # noqa: F401
+
     logging.getLogger("distributed").setLevel(max(level, logging.INFO) if args.verbose else logging.WARNING)
     if not getattr(args, "command", None):
         parser.print_help()

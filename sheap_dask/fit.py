@@ -616,6 +616,16 @@ def _compute(result: xr.Dataset, client, progress: bool) -> xr.Dataset:
 # --------------------------------------------------------------------------------------
 # Streaming into a zarr store, with resume
 # --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_zarr():
+    """Silence zarr 3's notes on fixed-width string arrays (``method``, ``param``): xarray
+    reads them back unchanged; the note is about other zarr implementations."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have a Zarr V3 specification.*")
+        warnings.filterwarnings("ignore", message=".*Consolidated metadata is currently not part.*")
+        yield
+
+
 def _fit_and_write(flux, ivar, z, init, wl2d, *, index, start, stop, store, dim, specs, model, wavelength, options, pad_to, has_redshift, penalty_function, storage_options):
     """Worker task: fit one chunk, write it into its region of the store, mark it done."""
     import zarr
@@ -632,8 +642,7 @@ def _fit_and_write(flux, ivar, z, init, wl2d, *, index, start, stop, store, dim,
         penalty_function=penalty_function,
     )
     block = xr.Dataset({name: ((dim, *dims), out[name]) for name, dims, _ in specs})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)  # zarr's notes on string dtypes
+    with _quiet_zarr():
         block.to_zarr(store, region={dim: slice(start, stop)}, storage_options=storage_options)
     # Marked done only after the region is written: a task killed in between is redone.
     done = zarr.open_array(store, path=f"{PROGRESS_GROUP}/done", mode="r+", storage_options=storage_options)
@@ -719,8 +728,7 @@ def _prepare_store(template: xr.Dataset, store: str, resume: bool, n_chunks: int
         )
     # Coordinates are small: write them now (compute=False would leave lazy ones empty).
     template = template.assign_coords({name: coord.compute() for name, coord in template.coords.items()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
+    with _quiet_zarr():
         template.to_zarr(store, mode="w", compute=False, storage_options=storage_options)
     zarr.create_array(
         store,
