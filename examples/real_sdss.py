@@ -43,18 +43,6 @@ def text(values) -> np.ndarray:
     return np.array([str(v) for v in np.asarray(values).ravel()])
 
 
-def covered(ds, window, min_fraction: float = 0.7) -> np.ndarray:
-    """Spectra with usable pixels over ``min_fraction`` of the rest-frame window and at both ends."""
-    rest = ds.wavelength.values[None, :] / (1.0 + ds.redshift.values[:, None])
-    lo, hi = window
-    inwin = (rest >= lo) & (rest <= hi)
-    good = inwin & (ds.ivar.values > 0)
-    frac = good.sum(1) / np.maximum(inwin.sum(1), 1)
-    edge = 0.05 * (hi - lo)
-    ends = (good & (rest < lo + edge)).any(1) & (good & (rest > hi - edge)).any(1)
-    return np.flatnonzero((frac >= min_fraction) & ends)
-
-
 def sdss_name(ra: float, dec: float) -> str:
     """IAU-style SDSS designation ``JHHMMSS.ss+DDMMSS.s`` from degrees."""
     h = ra / 15.0
@@ -85,7 +73,7 @@ def fit_regions(ds, client):
     out = {}
     for name, (options, _) in REGIONS.items():
         model = sd.models.region(name, **options)
-        idx = covered(ds, model.window)
+        idx = sd.models.covering_spectra(ds, model.window)
         if idx.size == 0:
             continue
         sub = ds.isel(spectrum=idx)

@@ -41,18 +41,6 @@ def text(values) -> np.ndarray:
     return np.array([str(v) for v in np.asarray(values).ravel()])
 
 
-def covered(ds: xr.Dataset, window, min_fraction: float = MIN_COVERAGE) -> np.ndarray:
-    """Indices of spectra with usable pixels over ``min_fraction`` of the rest-frame window and at both ends."""
-    rest = ds.wavelength.values[None, :] / (1.0 + ds.redshift.values[:, None])
-    lo, hi = window
-    inwin = (rest >= lo) & (rest <= hi)
-    good = inwin & (ds.ivar.values > 0)
-    frac = good.sum(1) / np.maximum(inwin.sum(1), 1)
-    edge = 0.05 * (hi - lo)
-    ends = (good & (rest < lo + edge)).any(1) & (good & (rest > hi - edge)).any(1)
-    return np.flatnonzero((frac >= min_fraction) & ends)
-
-
 @pytest.fixture(scope="module")
 def spectra(shared_spectra, tmp_path_factory) -> xr.Dataset:
     files = spec_files(shared_spectra)
@@ -71,7 +59,7 @@ def client():
 
 def fit_region(spectra, client, name, **kwargs):
     model = sd.models.region(name, **kwargs)
-    idx = covered(spectra, model.window)
+    idx = sd.models.covering_spectra(spectra, model.window, min_fraction=MIN_COVERAGE)
     sub = spectra.isel(spectrum=idx)
     # one chunk per region: one compilation on the worker
     fits = sd.fit_dataset(sub.chunk({"spectrum": len(idx)}), model, client=client, progress=False).compute()

@@ -53,6 +53,7 @@ __all__ = [
     "compose",
     "region",
     "REGIONS",
+    "covering_spectra",
     "LINES",
     "OIII_RATIO",
     "NII_RATIO",
@@ -441,4 +442,4 @@ def _component_eval(fn: Callable, idx: np.ndarray) -> Callable:
     return evaluate
 
 
-from .regions import REGIONS, region  # noqa: E402  (regions builds on the factories above)
+from .regions import REGIONS, covering_spectra, region  # noqa: E402  (regions builds on the factories above)

@@ -37,7 +37,7 @@ from ..errors import ModelError
 from .lines import LINES, NII_RATIO, OIII_RATIO
 from .profiles import C_KMS
 
-__all__ = ["region", "REGIONS", "RegionSpec", "make_initializer"]
+__all__ = ["region", "REGIONS", "RegionSpec", "make_initializer", "covering_spectra"]
 
 BROAD_FWHM = (1000.0, 20000.0)
 NARROW_FWHM = (100.0, 1200.0)
@@ -571,3 +571,24 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
         return out
 
     return initializer
+
+
+def covering_spectra(ds, window, *, min_fraction: float = 0.7, redshift: str = "redshift") -> np.ndarray:
+    """Indices of the spectra of ``ds`` that cover a rest-frame ``window``.
+
+    A spectrum covers it when usable pixels (``ivar > 0``) span at least ``min_fraction`` of
+    the window's pixels (sky-line masks remove up to ~15%) and reach both ends (within 5% of
+    its width). Use it to pick the spectra a region model can fit, e.g.
+    ``ds.isel(spectrum=covering_spectra(ds, model.window))``. Without a ``redshift``
+    coordinate the wavelengths are taken as rest frame.
+    """
+    wl = np.asarray(ds.wavelength.values, dtype=np.float64)
+    z = np.asarray(ds[redshift].values, dtype=np.float64) if redshift in ds.variables else np.zeros(ds.sizes["spectrum"])
+    rest = (wl if wl.ndim == 2 else wl[None, :]) / (1.0 + z[:, None])
+    lo, hi = window
+    inwin = (rest >= lo) & (rest <= hi)
+    good = inwin & (np.asarray(ds.ivar.values) > 0)
+    frac = good.sum(1) / np.maximum(inwin.sum(1), 1)
+    edge = 0.05 * (hi - lo)
+    ends = (good & (rest < lo + edge)).any(1) & (good & (rest > hi - edge)).any(1)
+    return np.flatnonzero((frac >= min_fraction) & ends)
