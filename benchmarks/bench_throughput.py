@@ -64,13 +64,9 @@ def run_curvefit(store, model, client):
     with dask.config.set(scheduler=client.get):
         res = da.curvefit(coords=["wavelength", "w"], func=fcw, param_names=free, p0=p0, bounds=bounds, errors="ignore")
         coeffs = res.curvefit_coefficients.compute()
-    full = np.tile(np.asarray(params.values, dtype=float), (len(flux), 1))
-    from sheap_dask.chunk import _embedding
+    from sheap_dask.chunk import expand_free
 
-    embed, fixed = _embedding(params)
-    base = np.where(fixed, np.asarray(params.values, dtype=float), 0.0)
-    full = base + np.einsum("ij,nj->ni", embed, coeffs.values)
-    return full
+    return expand_free(params, coeffs.values, params.values)
 
 
 def main() -> None:

@@ -302,7 +302,7 @@ class _CompiledModel:
 
             self.post(np.asarray(start)[None], wavelength if np.ndim(wavelength) == 1 else np.asarray(wavelength)[None], np.asarray(flux)[None], np.asarray(errors)[None])
             free = self.free_index
-            offsets = _tie_offsets(self.model.params, np.asarray(start, dtype=np.float64)[None])[0]
+            offsets = expand_free(self.model.params, np.zeros(len(free)), start)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 SLSQP(tol=self.options.fallback_tol, maxiter=3).minimize(
@@ -338,16 +338,22 @@ def _embedding(params) -> tuple[np.ndarray, np.ndarray]:
     return E, fixed_mask
 
 
-def _tie_offsets(params, phys_full: np.ndarray) -> np.ndarray:
-    """``phys - E @ free``: the fixed values and additive tie offsets, per spectrum."""
+def expand_free(params, free, reference) -> np.ndarray:
+    """All physical parameters from the free ones: ``offsets + E @ free``.
+
+    Tied values are rebuilt exactly (in float64) from their sources; fixed values come from
+    ``reference``, the additive offsets of ``+``/``-`` ties from the ties. ``free`` is
+    (n_free,) or (n, n_free), ``reference`` (n_params,) or (n, n_params); ``free = 0`` gives
+    the offsets alone.
+    """
+    E, fixed_mask = _embedding(params)
     names = list(params.names)
-    offsets = np.zeros_like(phys_full)
-    _, fixed_mask = _embedding(params)
-    offsets[:, fixed_mask] = phys_full[:, fixed_mask]
+    reference = np.asarray(reference, dtype=np.float64)
+    offsets = np.where(fixed_mask, reference, 0.0)
     for target, _source, op, operand in params.ties:
         if op in "+-":
-            offsets[:, names.index(target)] = operand if op == "+" else -operand
-    return offsets
+            offsets[..., names.index(target)] = operand if op == "+" else -operand
+    return offsets + np.asarray(free, dtype=np.float64) @ E.T
 
 
 def _get_compiled(model, options: ChunkOptions, penalty_function=None) -> _CompiledModel:
@@ -473,7 +479,7 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
         # Ties and fixed values rebuilt in float64 from the free parameters: exact whatever
         # precision the solve ran in.
         phys = solved["params"]
-        solved["params"] = _tie_offsets(compiled.model.params, phys) + phys[:, compiled.free_index] @ compiled.embed_matrix.T
+        solved["params"] = expand_free(compiled.model.params, phys[:, compiled.free_index], phys)
         chi2_b, jtj_b = compiled.post(solved["params"], wl_b, clean_flux[take], errors[take])
     sel = slice(0, good_idx.size)
     for name in ("params", "loss", "status", "n_iter"):
@@ -686,8 +692,8 @@ def _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, opti
     lower_f = compiled.lower[compiled.free_index]
     upper_f = compiled.upper[compiled.free_index]
     solver = compiled.slsqp()
-    n_fixed_rows = out["params"][retry]
-    offsets = _tie_offsets(params, np.where(np.isfinite(n_fixed_rows), n_fixed_rows, start[retry]))
+    batch_rows = out["params"][retry]
+    offsets = expand_free(params, np.zeros((retry.size, compiled.n_free)), np.where(np.isfinite(batch_rows), batch_rows, start[retry]))
     logger.info("SLSQP fallback for %d spectra", retry.size)
     for k, i in enumerate(retry):  # the only Python loop over spectra: failed ones only
         batch_p = out["params"][i, compiled.free_index]
@@ -712,7 +718,7 @@ def _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, opti
         was_converged = out["status"][i] == Status.CONVERGED
         if np.isfinite(res.fmin) and not (res.fmin >= old) and (res.converged or not was_converged):  # also when old is NaN
             x = np.asarray(res.values, dtype=np.float64)
-            out["params"][i] = offsets[k] + compiled.embed_matrix @ x
+            out["params"][i] = expand_free(params, x, offsets[k])
             out["chi2"][i] = out["loss"][i] = res.fmin
             out["method"][i] = "slsqp"
             out["n_iter"][i] = res.n_eval
