@@ -18,6 +18,26 @@ import sheap_dask as sd  # noqa: E402
 from sheap_dask.models import derived  # noqa: E402
 
 
+def parse_args(doc: str, configure=None):
+    """The benchmarks' common command line (--n, --chunk, --workdir) -> (args, work dir).
+
+    ``configure(parser)`` adds a script's own options.
+    """
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--n", type=int, default=400, help="spectra (default 400)")
+    ap.add_argument("--chunk", type=int, default=100, help="spectra per chunk (default 100)")
+    ap.add_argument("--workdir", default=None, help="where to put the stores (default: a temp dir)")
+    if configure is not None:
+        configure(ap)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sheap_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    return args, work
+
+
 def reference_store(path: Path, n: int, chunk: int, seed: int = 0) -> Path:
     """The reference problem of issue 6: synthetic H-beta-region spectra in a zarr store."""
     if not path.exists():

@@ -16,9 +16,7 @@ Run: ``python benchmarks/bench_overhead.py [--n 400] [--chunk 100]``.
 
 from __future__ import annotations
 
-import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import jax  # noqa: E402
 import numpy as np
 import xarray as xr
-from _common import emit, local_cluster, machine, reference_store, timed
+from _common import parse_args, emit, local_cluster, machine, reference_store, timed
 
 import sheap_dask as sd
 from sheap_dask.chunk import ChunkOptions, _batched_solve, _get_compiled, fit_chunk
@@ -78,13 +76,7 @@ def fit_chunk_seconds(store: Path, model, chunk: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--chunk", type=int, default=100)
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="sheap_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = parse_args(__doc__)
     store = reference_store(work / f"spectra_{args.n}.zarr", args.n, args.chunk)
     model = sd.models.region("hbeta")
 

@@ -14,12 +14,9 @@ Prints one JSON line. Run: ``python benchmarks/bench_scaling.py [--n 400] [--chu
 
 from __future__ import annotations
 
-import argparse
 import resource
-import tempfile
-from pathlib import Path
 
-from _common import emit, local_cluster, machine, reference_store, timed
+from _common import parse_args, emit, local_cluster, machine, reference_store, timed
 
 import sheap_dask as sd
 from sheap_dask.chunk import compile_stats
@@ -30,13 +27,7 @@ def _peak_rss_mib() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--chunk", type=int, default=100)
-    ap.add_argument("--workdir", default=None)
-    args = ap.parse_args()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="sheap_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = parse_args(__doc__)
     model = sd.models.region("hbeta")
     small = reference_store(work / f"spectra_{args.n}.zarr", args.n, args.chunk)
     big = reference_store(work / f"spectra_{10 * args.n}.zarr", 10 * args.n, args.chunk, seed=1)

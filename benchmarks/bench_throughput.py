@@ -15,14 +15,11 @@ Prints one JSON line. Run: ``python benchmarks/bench_throughput.py [--n 400] [--
 
 from __future__ import annotations
 
-import argparse
-import tempfile
-from pathlib import Path
 
 import dask
 import numpy as np
 import xarray as xr
-from _common import chi2_of, emit, local_cluster, machine, quality, reference_store, timed
+from _common import parse_args, chi2_of, emit, local_cluster, machine, quality, reference_store, timed
 
 import sheap_dask as sd
 
@@ -70,16 +67,11 @@ def run_curvefit(store, model, client):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=400, help="spectra (default 400)")
-    ap.add_argument("--chunk", type=int, default=100, help="spectra per chunk (default 100)")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--skip-seed", action="store_true", help="skip the (slow) seed Adam baseline")
-    ap.add_argument("--workdir", default=None, help="where to put the stores (default: a temp dir)")
-    args = ap.parse_args()
+    def options(ap):
+        ap.add_argument("--workers", type=int, default=2)
+        ap.add_argument("--skip-seed", action="store_true", help="skip the (slow) seed Adam baseline")
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="sheap_bench_"))
-    work.mkdir(parents=True, exist_ok=True)
+    args, work = parse_args(__doc__, options)
     store = reference_store(work / f"spectra_{args.n}.zarr", args.n, args.chunk)
     ds = xr.open_zarr(store)
     truth = ds.true_params.values

@@ -594,7 +594,6 @@ def _progress_bar(total: int, enabled: bool, desc: str, unit: str = "chunk"):
 
 
 def _compute(result: xr.Dataset, client, progress: bool) -> xr.Dataset:
-    n_chunks = len(result["params"].chunks[0])
     if client is None:
         if progress:
             from dask.diagnostics import ProgressBar
