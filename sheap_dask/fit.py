@@ -661,6 +661,10 @@ def _fit_to_store(inputs: _Inputs, init_da, model, options, attrs, store, resume
     bounds = np.concatenate([[0], np.cumsum(inputs.flux.chunks[0])])
     z = inputs.redshift.data if inputs.redshift is not None else None
     wl2d = inputs.wavelength_2d.data if inputs.wavelength_2d is not None else None
+    # One graph key for the model and the shared grid, referenced by every chunk's task,
+    # rather than a copy pickled into each of thousands of tasks.
+    shared_model = dask.delayed(model, pure=True, traverse=False)
+    shared_wavelength = dask.delayed(inputs.wavelength_values, pure=True, traverse=False)
     tasks = []
     for i in todo:
         tasks.append(
@@ -676,8 +680,8 @@ def _fit_to_store(inputs: _Inputs, init_da, model, options, attrs, store, resume
                 store=store,
                 dim=inputs.dim,
                 specs=specs,
-                model=model,
-                wavelength=inputs.wavelength_values,
+                model=shared_model,
+                wavelength=shared_wavelength,
                 options=options,
                 pad_to=inputs.chunks,
                 has_redshift=inputs.redshift is not None,
