@@ -748,12 +748,17 @@ def _parameter_errors(jtj, compiled, out, options) -> np.ndarray:
     d = np.where(d > 0, d, 1.0)
     scaled = m / d[:, :, None] / d[:, None, :]
     with np.errstate(all="ignore"):
-        cond = np.linalg.cond(scaled)
-        singular = ~np.isfinite(cond) | (cond > 1e12)
-        cov = np.linalg.pinv(scaled) / d[:, :, None] / d[:, None, :]
+        # One symmetric eigendecomposition gives both the condition number and the
+        # pseudo-inverse (singular values of a symmetric matrix = |eigenvalues|).
+        w, V = np.linalg.eigh(scaled)
+        sv = np.abs(w)
+        top = sv.max(axis=1, keepdims=True)
+        singular = ~(sv.min(axis=1) > 0) | (top[:, 0] / sv.min(axis=1) > 1e12)
+        inv_w = np.where(sv > 1e-15 * top, 1.0 / w, 0.0)
+        cov = np.einsum("nij,nj,nkj->nik", V, inv_w, V) / d[:, :, None] / d[:, None, :]
         E = compiled.embed_matrix
-        cov_full = np.einsum("ij,njk,lk->nil", E, cov, E)
-        e = np.sqrt(np.clip(np.einsum("nii->ni", cov_full), 0, None))
+        # Only the diagonal of E C E^T is needed.
+        e = np.sqrt(np.clip(np.einsum("ij,njk,ik->ni", E, cov, E), 0, None))
     if options.error_scale == "redchi2":
         e = e * np.sqrt(np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan))[:, None]
     e[singular] = np.nan
