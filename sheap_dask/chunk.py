@@ -653,15 +653,20 @@ def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, d
         wl_g = wl[r] if wl.ndim == 2 else wl
         res = solver.run(cast(starts[take]), cast(clean_flux[r]), cast(wl_g), cast(errors[r]), cast(constraints))
         params = np.asarray(res.params, dtype=np.float64)
+        params = expand_free(compiled.model.params, params[:, compiled.free_index], params)  # exact ties
         chi2, jtj_g = compiled.post(params, wl_g, clean_flux[r], errors[r])
-        for k in range(idx.size):  # bookkeeping per restart of this group (vectorised solve above)
-            i = r[k]
-            if res.status[k] == Status.CONVERGED and np.isfinite(chi2[k]) and chi2[k] < out["chi2"][i]:
-                out["params"][i] = params[k]
-                out["chi2"][i] = chi2[k]
-                out["loss"][i] = float(res.loss[k])
-                out["n_iter"][i] += int(res.n_iter[k])
-                jtj[i] = jtj_g[k]
+        # Per spectrum, the best converged restart of this group replaces the current fit
+        # when its chi-square is lower (a spectrum's two starts may share a group).
+        valid = np.flatnonzero((np.asarray(res.status[: idx.size]) == Status.CONVERGED) & np.isfinite(chi2[: idx.size]))
+        order = valid[np.lexsort((chi2[valid], r[valid]))]
+        best = order[np.unique(r[order], return_index=True)[1]]
+        win = best[chi2[best] < out["chi2"][r[best]]]
+        i = r[win]
+        out["params"][i] = params[win]
+        out["chi2"][i] = chi2[win]
+        out["loss"][i] = np.asarray(res.loss, dtype=np.float64)[win]
+        out["n_iter"][i] += np.asarray(res.n_iter, dtype=np.int32)[win]
+        jtj[i] = jtj_g[win]
     with np.errstate(invalid="ignore", divide="ignore"):
         out["redchi2"][suspects] = out["chi2"][suspects] / np.where(out["dof"][suspects] > 0, out["dof"][suspects], np.nan)
 
