@@ -33,3 +33,7 @@ class ResumeMismatchError(SheapDaskError, ValueError):
 
 class MissingDependencyError(SheapDaskError, ImportError):
     """An optional dependency is needed for this feature and is not installed."""
+
+
+class ClusterWarning(UserWarning):
+    """The cluster is set up in a way that is likely to stall or slow a fit (e.g. small workers)."""

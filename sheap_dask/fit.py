@@ -29,7 +29,7 @@ import yaml
 from . import config
 from ._version import __version__
 from .chunk import RESULT_VARIABLES, ChunkOptions, fit_chunk
-from .errors import InputDataError, OptionError, ResumeMismatchError
+from .errors import ClusterWarning, InputDataError, OptionError, ResumeMismatchError
 from .status import Status, status_attrs
 
 logger = logging.getLogger("sheap_dask.fit")
@@ -196,6 +196,9 @@ def fit_dataset(
     register_model(model)
 
     client, own_cluster = _resolve_client(client)
+    if client is not None:
+        for message in _worker_problems(client.scheduler_info().get("workers", {})):
+            warnings.warn(message, ClusterWarning, stacklevel=2)
     try:
         if store is not None:
             result = _fit_to_store(inputs, init_da, model, options, attrs, str(store), resume, client, progress, penalty_function, storage_options)
@@ -547,6 +550,36 @@ def _resolve_client(client):
     cluster = start_local_cluster(int(n_workers), threads)
     logger.info("started a LocalCluster with %d workers: %s", n_workers, cluster.dashboard_link)
     return Client(cluster), cluster
+
+
+def _worker_problems(workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Why the workers of ``client.scheduler_info()["workers"]`` may stall a fit (empty if fine).
+
+    A worker whose memory limit is below ``sheap_dask.worker.min_memory`` pauses once JAX has
+    compiled a model (Dask pauses at 80% of the limit by default), and a paused worker runs
+    nothing: without this warning the fit just waits.
+    """
+    from dask.utils import format_bytes, parse_bytes
+
+    minimum = parse_bytes(config.get("worker.min_memory") or 0)
+    small = {w.get("name", addr): w["memory_limit"] for addr, w in workers.items() if 0 < (w.get("memory_limit") or 0) < minimum}
+    paused = sorted(str(w.get("name", addr)) for addr, w in workers.items() if w.get("status") == "paused")
+    problems = []
+    if small:
+        limits = ", ".join(f"{name}: {format_bytes(limit)}" for name, limit in sorted(small.items(), key=str))
+        problems.append(
+            f"{len(small)} of {len(workers)} workers have a memory limit below {format_bytes(minimum)} ({limits}); "
+            "a JAX worker holds ~0.75 GiB once a model is compiled and Dask pauses it at 80% of its limit, "
+            "which stalls the fit. Give each worker at least 2 GiB (`dask worker --memory-limit 2GiB`, "
+            "LocalCluster(memory_limit=...), or worker.resources.limits.memory in the Helm chart), "
+            "or lower sheap_dask.worker.min_memory to silence this warning."
+        )
+    if paused:
+        problems.append(
+            f"workers {', '.join(paused)} are paused (memory above distributed.worker.memory.pause of their "
+            "limit): they run no task until their memory drops. Restart them or give them more memory."
+        )
+    return problems
 
 
 def start_local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs):

@@ -11,7 +11,7 @@ import xarray as xr
 from datasets import gauss_dataset, gauss_model
 
 import sheap_dask as sd
-from sheap_dask.errors import InputDataError, OptionError, ResumeMismatchError
+from sheap_dask.errors import ClusterWarning, InputDataError, OptionError, ResumeMismatchError
 from sheap_dask.status import Status
 
 FAST = dict(method="lm", num_steps=100, progress=False, dtype="float64")
@@ -63,6 +63,30 @@ def test_lazy_with_client_nothing_computed_early(ds):
         local = fits.compute()
     ref = sd.fit_dataset(ds, gauss_model(), **FAST)
     xr.testing.assert_allclose(local.params, ref.params)
+
+
+def test_small_or_paused_workers_are_reported():
+    from sheap_dask.fit import _worker_problems
+
+    gib = 2**30
+    fine = {"tcp://a": {"name": "w0", "memory_limit": 4 * gib, "status": "running"},
+            "tcp://b": {"name": "w1", "memory_limit": 0, "status": "running"}}  # 0: no limit
+    assert _worker_problems(fine) == []
+    small, paused = _worker_problems({**fine, "tcp://c": {"name": "w2", "memory_limit": gib, "status": "paused"}})
+    assert "1 of 3 workers" in small and "w2: 1.00 GiB" in small and "--memory-limit 2GiB" in small
+    assert "w2" in paused and "paused" in paused
+    with dask.config.set({"sheap_dask.worker.min_memory": "512MiB"}):
+        (only_paused,) = _worker_problems({"tcp://c": {"name": "w2", "memory_limit": gib, "status": "paused"}})
+    assert "paused" in only_paused
+
+
+def test_fit_dataset_warns_about_small_workers(ds):
+    from distributed import Client
+
+    # Lazy: the warning comes before anything runs (a 1 GiB in-process worker may pause at once).
+    with Client(processes=False, n_workers=1, threads_per_worker=1, memory_limit="1GiB", dashboard_address=":0") as client:
+        with dask.config.set(scheduler=None), pytest.warns(ClusterWarning, match="memory limit below 2.00 GiB"):
+            sd.fit_dataset(ds, gauss_model(), client=client, **FAST)
 
 
 def test_zarr_round_trip_is_identical(ds, tmp_path):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 
 import pytest
 import yaml
@@ -608,7 +609,9 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
     port, dashboard = _free_ports(2)
     values = {
         "scheduler": {"port": port, "dashboardPort": dashboard},
-        "worker": {"replicas": 2, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
+        # 2Gi: the smallest worker fit_dataset does not warn about (a 1Gi worker pauses once JAX
+        # has compiled the model, and the fit stalls)
+        "worker": {"replicas": 2, "resources": {"limits": {"cpu": "1", "memory": "2Gi"}}},
         "sheapConfig": {"fit": {"progress": False}},
         # the stores on a volume mounted at /data in the Job and worker pods (here: a local folder)
         "fitJob": {"enabled": True, "input": "/data/in.zarr", "output": "/data/out.zarr",
@@ -656,7 +659,7 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
             info = client.scheduler_info()["workers"]
             assert sorted(w["name"] for w in info.values()) == [f"rel-sheap-dask-worker-{i}" for i in range(n_workers)]
             assert all(w["nthreads"] == 1 for w in info.values())
-            assert all(w["memory_limit"] == parse_bytes("1GiB") for w in info.values())
+            assert all(w["memory_limit"] == parse_bytes("2GiB") for w in info.values())
             # same package version on scheduler, workers and client
             assert client.submit(lambda: __import__("sheap_dask").__version__, pure=False).result() == sd.__version__
             assert set(client.run(lambda: __import__("sheap_dask").__version__).values()) == {sd.__version__}
@@ -672,7 +675,9 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
             # the job: fit_dataset through the client, on the cluster the chart starts
             ds = sd.io.synthetic_spectra(16, seed=3).chunk({"spectrum": 8})
             model = sd.models.region("hbeta")
-            fits = sd.fit_dataset(ds, model, client=client, num_steps=1000)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", sd.errors.ClusterWarning)
+                fits = sd.fit_dataset(ds, model, client=client, num_steps=1000)
             fits = fits.compute()
             statuses = fits.status.values
             assert statuses.shape == (16,)
@@ -704,6 +709,7 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
                                   "--n", "16", "--chunk", "8"], capture_output=True, text=True, timeout=300)
             assert run.returncode == 0, run.stdout + run.stderr
             assert "fitted 16 spectra" in run.stdout
+            assert not any(w["status"] == "paused" for w in client.scheduler_info()["workers"].values())
     except BaseException:
         for name, _ in procs.procs:
             print(f"----- {name} log -----\n{procs.log(name)}")
