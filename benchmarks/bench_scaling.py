@@ -2,6 +2,10 @@
 
 * ``speedup_2_vs_1``: warm fit_dataset time (zarr -> zarr) of the 10N spectra on a 1-worker
   LocalCluster over a 2-worker one (target >= 1.7 on 2 cores).
+* ``ceiling_2_vs_1_without_dask``: the same chunks fitted by ``fit_chunk`` in 1 plain process
+  vs 2 plain processes running at once (no Dask, no zarr writes; each warmed up on its first
+  chunk, started together): what the machine itself allows. ``dask_scaling_efficiency`` =
+  speedup_2_vs_1 / that ceiling.
 * ``peak_rss_mib``: peak resident memory of each worker process (``ru_maxrss``) after fitting
   N and 10N spectra with ``store=`` on a fresh 2-worker cluster (flat means memory does not
   grow with the number of spectra).
@@ -14,16 +18,44 @@ Prints one JSON line. Run: ``python benchmarks/bench_scaling.py [--n 400] [--chu
 
 from __future__ import annotations
 
+import os
 import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 from _common import parse_args, emit, local_cluster, machine, reference_store, timed
 
 import sheap_dask as sd
 from sheap_dask.chunk import compile_stats
+from sheap_dask.fit import _NANNY_ENVIRON, _worker_env
+
+PLAIN_FIT = Path(__file__).with_name("_plain_fit.py")
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def plain_processes_seconds(store: Path, chunk: int, n_procs: int) -> float:
+    """Wall time of ``n_procs`` plain processes fitting every chunk of ``store`` between them,
+    all started together after their compiling chunk, with the workers' environment."""
+    env = {**os.environ, **_worker_env(1), **_NANNY_ENVIRON}
+    with tempfile.TemporaryDirectory() as barrier:
+        procs = [
+            subprocess.Popen([sys.executable, str(PLAIN_FIT), str(store), str(chunk), str(i), str(n_procs), barrier, str(i)],
+                             env=env, stdout=subprocess.PIPE, text=True)
+            for i in range(n_procs)
+        ]
+        while len(list(Path(barrier).glob("ready-*"))) < n_procs:
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError("a plain fitting process failed")
+            time.sleep(0.05)
+        (Path(barrier) / "go").touch()
+        seconds = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return max(seconds)
 
 
 def main() -> None:
@@ -57,6 +89,11 @@ def main() -> None:
     record["seconds_warm_1_worker"] = round(warm[1], 2)
     record["seconds_warm_2_workers"] = round(warm[2], 2)
     record["speedup_2_vs_1"] = round(warm[1] / warm[2], 2)
+    plain = {n: plain_processes_seconds(big, args.chunk, n) for n in (1, 2)}
+    record["seconds_plain_1_process"] = round(plain[1], 2)
+    record["seconds_plain_2_processes"] = round(plain[2], 2)
+    record["ceiling_2_vs_1_without_dask"] = round(plain[1] / plain[2], 2)
+    record["dask_scaling_efficiency"] = round(record["speedup_2_vs_1"] / record["ceiling_2_vs_1_without_dask"], 2)
 
     rss = {}
     for label, store in (("n", small), ("10n", big)):
