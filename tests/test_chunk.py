@@ -63,6 +63,44 @@ def test_short_chunk_is_padded_not_recompiled(data):
     np.testing.assert_allclose(a["params"][:5], b["params"], rtol=1e-10)
 
 
+def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch):
+    """A fit LM drove onto a bound (flux at 0, centre at its limit) is re-fitted from its
+    initial values, in groups of the compiled shape even for a short last chunk."""
+    from sheap_dask import chunk
+
+    wl, flux, ivar, _ = data
+    good = np.setdiff1d(np.arange(16), [1, 2, 3])
+    flux, ivar = flux[good], ivar[good]
+    model = gauss_model()
+    opts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=True)
+    reference = fit_chunk(model, wl, flux[:8], ivar[:8], options=opts, pad_to=8)
+    assert np.all(reference["status"] == Status.CONVERGED)
+
+    solve = chunk._batched_solve
+
+    def stuck(*args, **kwargs):  # spectra 2 and 4 end on bounds, as in a local minimum
+        solved = solve(*args, **kwargs)
+        solved["params"][2, 0] = 1e-12  # amp at its lower bound 0
+        solved["params"][4, :2] = [1e-12, 4980.0 + 1e-9]  # amp and centre on bounds
+        return solved
+
+    monkeypatch.setattr(chunk, "_batched_solve", stuck)
+    no_restarts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=False)
+    without = fit_chunk(model, wl, flux[:8], ivar[:8], options=no_restarts, pad_to=8)
+    assert np.all(without["chi2"][[2, 4]] > 10 * reference["chi2"][[2, 4]])
+    out = fit_chunk(model, wl, flux[:8], ivar[:8], options=opts, pad_to=8)
+    np.testing.assert_allclose(out["chi2"], reference["chi2"], rtol=1e-6)
+    np.testing.assert_allclose(out["params"], reference["params"], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(out["params_err"], reference["params_err"], rtol=1e-4)
+    assert np.all(out["n_iter"][[2, 4]] > without["n_iter"][[2, 4]])
+
+    before = compile_stats()
+    short = fit_chunk(model, wl, flux[:5], ivar[:5], options=opts, pad_to=8)  # a short last chunk
+    after = compile_stats()
+    np.testing.assert_allclose(short["chi2"], reference["chi2"][:5], rtol=1e-6)
+    assert (after["traces"], after["compiling_chunks"]) == (before["traces"], before["compiling_chunks"])
+
+
 def test_fallback_rescues_unconverged_spectra(data):
     wl, flux, ivar, truth = data
     # Two LM iterations cannot converge: every spectrum goes to SLSQP.
