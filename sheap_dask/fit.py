@@ -571,7 +571,8 @@ def _worker_problems(workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
             f"{len(small)} of {len(workers)} workers have a memory limit below {format_bytes(minimum)} ({limits}); "
             "a JAX worker holds ~0.75 GiB once a model is compiled and Dask pauses it at 80% of its limit, "
             "which stalls the fit. Give each worker at least 2 GiB (`dask worker --memory-limit 2GiB`, "
-            "LocalCluster(memory_limit=...), or worker.resources.limits.memory in the Helm chart), "
+            "LocalCluster(memory_limit=...), worker.resources.limits.memory in the Helm chart, or fewer "
+            "workers in the cluster fit_dataset starts: sheap_dask.cluster.n_workers), "
             "or lower sheap_dask.worker.min_memory to silence this warning."
         )
     if paused:
