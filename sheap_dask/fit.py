@@ -139,6 +139,14 @@ def fit_dataset(
         coordinate of the input. Lazy and chunked like the input when a client is given
         and no store; otherwise already computed (and chunked like the input).
 
+    Warns
+    -----
+    ClusterWarning
+        Before anything is submitted, for workers whose memory limit is below
+        ``sheap_dask.worker.min_memory`` (2 GiB: a JAX worker holds ~0.75 GiB once a model is
+        compiled and Dask pauses a worker at 80% of its limit, stalling the fit) and for
+        workers already paused.
+
     Examples
     --------
     >>> import sheap_dask as sd
