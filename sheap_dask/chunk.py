@@ -87,6 +87,7 @@ class ChunkOptions:
     return_history: bool | None = None
     dtype: str | None = None
     stage_iter: int | None = None
+    slots: int | None = None
     restarts: bool | None = None
     redchi2_sigma: float | None = None
     pinned_tolerance: float | None = None
@@ -113,6 +114,7 @@ class ChunkOptions:
         "return_history": "fit.return_history",
         "dtype": "fit.dtype",
         "stage_iter": "fit.lm_stage_iter",
+        "slots": "fit.lm_slots",
         "restarts": "fit.lm_restarts",
         "redchi2_sigma": "fit.restart_redchi2_sigma",
         "pinned_tolerance": "fit.restart_pinned_tolerance",
@@ -149,6 +151,8 @@ class ChunkOptions:
             raise OptionError(f"learning_rate={self.learning_rate!r} must be > 0 (or None for the default 1e-2).")
         if not float(self.robust_scale) > 0:
             raise OptionError(f"robust_scale={self.robust_scale!r} must be > 0 (in units of sigma, e.g. 3).")
+        if isinstance(self.slots, bool) or not (isinstance(self.slots, (int, np.integer)) and self.slots >= 0):
+            raise OptionError(f"slots={self.slots!r} (sheap_dask.fit.lm_slots) must be an int >= 0, e.g. 12 (0: one vmapped loop per chunk).")
 
     def to_dict(self) -> dict:
         """JSON-serializable options (stored in result attrs and compared on resume)."""
@@ -215,8 +219,12 @@ class _CompiledModel:
         ]
 
         extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind}
+        # LM through a queue of lanes (see lm_slots in sheap_dask.yaml); restarts reuse it.
+        self.slots = int(options.slots or 0) if options.method == "lm" else 0
         if options.method == "lm":
             extra["robust_scale"] = options.robust_scale
+            extra["slots"] = self.slots
+
         def minimizer(num_steps: int) -> Minimizer:
             return Minimizer(
                 model.func,
@@ -239,7 +247,7 @@ class _CompiledModel:
         # stages: the whole chunk for `stage_iter` iterations, then only the stragglers, in
         # batches an eighth the size (at least 8), for the rest of the budget.
         self.stage_iter = int(options.stage_iter or 0)
-        staged = options.method == "lm" and 0 < self.stage_iter < int(options.num_steps)
+        staged = options.method == "lm" and not self.slots and 0 < self.stage_iter < int(options.num_steps)
         self.minimizer = minimizer(self.stage_iter if staged else options.num_steps)
         self.straggler_minimizer = minimizer(int(options.num_steps) - self.stage_iter) if staged else None
         func = model.func
@@ -279,6 +287,16 @@ class _CompiledModel:
             chi2, jtj = fn(f64(phys), f64(wavelength), f64(flux), f64(errors))
         return np.asarray(chi2, dtype=np.float64), np.asarray(jtj, dtype=np.float64)
 
+    def post_rows(self, phys, wavelength, flux, errors, n_rows: int, group: int):
+        """:meth:`post` of the first ``n_rows`` rows in groups of ``group`` (the last padded):
+        the padding of a batch is not worth a float64 Jacobian."""
+        n_groups = -(-n_rows // group)
+        take = np.minimum(np.arange(n_groups * group), n_rows - 1)
+        wl = wavelength[take] if np.ndim(wavelength) == 2 else wavelength
+        chi2, jtj = self.post(phys[take], wl, flux[take], errors[take])
+        pad = len(phys) - n_rows
+        return np.concatenate([chi2[:n_rows], np.full(pad, np.nan)]), np.concatenate([jtj[:n_rows], np.full((pad,) + jtj.shape[1:], np.nan)])
+
     def warm_up(self, start, flux, wavelength, errors, batch: int, dtype) -> None:
         """Compile, during a worker's first chunk, every program a later chunk may need.
 
@@ -291,6 +309,9 @@ class _CompiledModel:
             return
         self._warm = True
         constraints = np.stack([self.lower, self.upper], axis=-1).astype(dtype)
+        if self.slots and self.options.restarts:
+            rep = lambda a: np.repeat(np.asarray(a)[None], _group_size(batch), axis=0)  # noqa: E731
+            self.post(rep(start), wavelength if np.ndim(wavelength) == 1 else rep(wavelength), rep(flux), rep(errors))
         if self.straggler_minimizer is not None:
             group = _group_size(batch)
             rep = lambda a: np.repeat(np.asarray(a)[None], group, axis=0)  # noqa: E731
@@ -475,7 +496,7 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     with jax.enable_x64(options.dtype == "float64"):
         first = good_idx[0]
         compiled.warm_up(start[first], clean_flux[first], wl_b if wl.ndim == 1 else wl[first], errors[first], batch, dtype)
-        solved = _batched_solve(compiled, start[take], clean_flux[take], wl_b, errors[take], constraints, dtype, options)
+        solved = _batched_solve(compiled, start[take], clean_flux[take], wl_b, errors[take], constraints, dtype, options, n_active=good_idx.size)
         # Ties and fixed values rebuilt in float64 from the free parameters: exact whatever
         # precision the solve ran in.
         phys = solved["params"]
@@ -508,10 +529,12 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     return out
 
 
-def _batched_solve(compiled, start, flux, wl, errors, constraints, dtype, options) -> dict[str, np.ndarray]:
-    """The vmapped solve of a padded batch; LM stragglers get a second, smaller batch."""
+def _batched_solve(compiled, start, flux, wl, errors, constraints, dtype, options, n_active=None) -> dict[str, np.ndarray]:
+    """The solve of a padded batch (the first ``n_active`` rows are real): LM lanes work
+    through it as a queue, or one vmapped loop whose stragglers get a second, smaller batch."""
     cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731
-    result = compiled.minimizer.run(cast(start), cast(flux), cast(wl), cast(errors), cast(constraints))
+    queue = {"n_active": n_active} if compiled.slots and n_active is not None else {}  # padding never runs
+    result = compiled.minimizer.run(cast(start), cast(flux), cast(wl), cast(errors), cast(constraints), **queue)
     solved = {  # writable copies: stragglers are filled in below
         "params": np.array(result.params, dtype=np.float64),
         "loss": np.array(result.loss, dtype=np.float64),
@@ -654,10 +677,14 @@ def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, d
         take = np.concatenate([idx, np.full(group - idx.size, idx[0])])
         r = rows[take]
         wl_g = wl[r] if wl.ndim == 2 else wl
-        res = solver.run(cast(starts[take]), cast(clean_flux[r]), cast(wl_g), cast(errors[r]), cast(constraints))
+        queue = {"n_active": idx.size} if compiled.slots else {}  # lanes skip the padding
+        res = solver.run(cast(starts[take]), cast(clean_flux[r]), cast(wl_g), cast(errors[r]), cast(constraints), **queue)
         params = np.asarray(res.params, dtype=np.float64)
         params = expand_free(compiled.model.params, params[:, compiled.free_index], params)  # exact ties
-        chi2, jtj_g = compiled.post(params, wl_g, clean_flux[r], errors[r])
+        if compiled.slots:  # post-process the real rows only, in groups of the warmed-up shape
+            chi2, jtj_g = compiled.post_rows(params, wl_g, clean_flux[r], errors[r], idx.size, _group_size(batch))
+        else:
+            chi2, jtj_g = compiled.post(params, wl_g, clean_flux[r], errors[r])
         # Per spectrum, the best converged restart of this group replaces the current fit
         # when its chi-square is lower (a spectrum's two starts may share a group).
         valid = np.flatnonzero((np.asarray(res.status[: idx.size]) == Status.CONVERGED) & np.isfinite(chi2[: idx.size]))

@@ -49,6 +49,11 @@ Convergence (per problem; MINPACK-style, see ``scipy.optimize.least_squares``):
   damping has shrunk the step below the resolution of ``x`` nothing more can be gained;
 * ``gtol``: :math:`\max_j |(J^T W r)_j| \le \mathrm{gtol}` at the current point.
 
+Batches: ``jax.vmap(levenberg_marquardt)`` runs until the slowest problem stops, every
+finished problem idling meanwhile; :func:`levenberg_marquardt_queue` runs a fixed number of
+lanes instead and refills a lane from a queue of problems as soon as its problem stops, inside
+the same compiled loop (each problem takes exactly the same iterations).
+
 Tolerances below the resolution of the dtype are raised to ``10 * eps`` (about 1.2e-6 in
 float32, 2.2e-15 in float64); otherwise float32 fits would spin until ``max_iter`` on
 rounding noise.
@@ -79,7 +84,7 @@ from jax.scipy.linalg import cho_factor, cho_solve
 from .errors import OptionError
 from .status import Status
 
-__all__ = ["LMResult", "levenberg_marquardt", "lm_covariance"]
+__all__ = ["LMResult", "levenberg_marquardt", "levenberg_marquardt_queue", "lm_covariance"]
 
 # Internal status while a problem is still iterating (never returned).
 _RUNNING = -1
@@ -290,8 +295,40 @@ def levenberg_marquardt(
             "for a batch use jax.vmap(partial(levenberg_marquardt, residual_fn, **options))(x0, args)."
         )
     args = tuple(args)
-    dtype = x0.dtype
-    n = x0.shape[0]
+    r_shape = jax.eval_shape(lambda x: jnp.asarray(residual_fn(x, *args)), x0).shape
+    if len(r_shape) != 1:
+        raise ValueError(
+            f"levenberg_marquardt(residual_fn=...): must return a 1-D residual vector for one problem, got shape {r_shape}; "
+            "flatten it (e.g. return r.ravel())."
+        )
+    init, step = _lm_functions(residual_fn, x0.dtype, x0.shape[0], max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol,
+                               lambda_init=lambda_init, lambda_up=lambda_up, lambda_down=lambda_down, robust=robust,
+                               robust_scale=robust_scale, jacobian=jacobian)
+    st = lax.while_loop(lambda st: st.status == _RUNNING, lambda st: step(st, args, False, st.x), init(x0, args))
+    return _result(st)
+
+
+def _result(st: _State) -> LMResult:
+    return LMResult(
+        x=st.x,
+        cost=st.cost,
+        chi2=st.chi2,
+        n_iter=st.n_iter,
+        n_jac=st.n_jac,
+        status=st.status,
+        grad_norm=jnp.max(jnp.abs(st.grad), initial=0.0, axis=-1),
+        jtj=st.jtwj,
+        damping=st.lam,
+    )
+
+
+def _lm_functions(residual_fn, dtype, n, *, max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_down, robust, robust_scale, jacobian):
+    """``init(x0, args) -> state`` and ``step(state, args, fresh, x_fresh) -> state`` of one problem.
+
+    ``step`` is one LM iteration; where ``fresh`` is true it instead starts a new problem at
+    ``x_fresh`` (one residual and one Jacobian, like ``init``): the queue solver refills a
+    finished slot this way at the cost of an ordinary iteration.
+    """
     eps = jnp.finfo(dtype).eps
     tol_floor = 10.0 * float(eps)
     ftol_ = jnp.asarray(max(ftol, tol_floor) if ftol > 0 else 0.0, dtype) if isinstance(ftol, (int, float)) else jnp.asarray(ftol, dtype)
@@ -299,22 +336,15 @@ def levenberg_marquardt(
     gtol_ = jnp.asarray(gtol, dtype)
     lam_min = jnp.asarray(float(eps), dtype)
     lam_max = jnp.asarray(1.0 / float(eps), dtype)
+    lam_0 = jnp.asarray(lambda_init, dtype)
     jitter = jnp.asarray(n * float(eps), dtype)
     tiny = jnp.asarray(jnp.finfo(dtype).tiny, dtype)
     s = jnp.asarray(robust_scale, dtype)
     lam_up = jnp.asarray(lambda_up, dtype)
     lam_down = jnp.asarray(lambda_down, dtype)
 
-    def resid(x):
-        r = jnp.asarray(residual_fn(x, *args))
-        return r.astype(dtype)
-
-    r_shape = jax.eval_shape(resid, x0).shape
-    if len(r_shape) != 1:
-        raise ValueError(
-            f"levenberg_marquardt(residual_fn=...): must return a 1-D residual vector for one problem, got shape {r_shape}; "
-            "flatten it (e.g. return r.ravel())."
-        )
+    def resid(x, args):
+        return jnp.asarray(residual_fn(x, *args)).astype(dtype)
 
     jac_fn = jax.jacfwd(resid) if jacobian == "fwd" else jax.jacrev(resid)
 
@@ -328,9 +358,9 @@ def levenberg_marquardt(
             return jnp.ones_like(r)
         return _irls_weight(r / s)
 
-    def linearize(x, r):
+    def linearize(x, r, args):
         """Normal-equation pieces at an accepted point (the only Jacobian evaluation)."""
-        J = jac_fn(x)
+        J = jac_fn(x, args)
         if robust is None:
             return J.T @ J, J.T @ r
         wj = J * weights(r)[:, None]
@@ -339,34 +369,32 @@ def levenberg_marquardt(
     def finite(*arrays):
         return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in arrays]))
 
-    # Start: one residual + one Jacobian evaluation.
-    r0 = resid(x0)
-    cost0 = cost_of(r0)
-    jtwj0, grad0 = linearize(x0, r0)
-    ok0 = finite(x0, r0, cost0, jtwj0, grad0)
-    gnorm0 = jnp.max(jnp.abs(grad0), initial=0.0)
-    status0 = jnp.where(
-        ~ok0,
-        Status.NONFINITE,
-        jnp.where(gnorm0 <= gtol_, Status.CONVERGED, jnp.where(max_iter == 0, Status.MAX_ITER, _RUNNING)),
-    ).astype(jnp.int8)
-    state0 = _State(
-        x=x0,
-        cost=cost0,
-        chi2=jnp.sum(r0 * r0),
-        jtwj=jtwj0,
-        grad=grad0,
-        diag=jnp.diagonal(jtwj0),
-        lam=jnp.asarray(lambda_init, dtype),
-        n_iter=jnp.asarray(0, jnp.int32),
-        n_jac=jnp.asarray(1, jnp.int32),
-        status=status0,
-    )
+    def init(x0, args):
+        # Start: one residual + one Jacobian evaluation.
+        r0 = resid(x0, args)
+        cost0 = cost_of(r0)
+        jtwj0, grad0 = linearize(x0, r0, args)
+        ok0 = finite(x0, r0, cost0, jtwj0, grad0)
+        gnorm0 = jnp.max(jnp.abs(grad0), initial=0.0)
+        status0 = jnp.where(
+            ~ok0,
+            Status.NONFINITE,
+            jnp.where(gnorm0 <= gtol_, Status.CONVERGED, jnp.where(max_iter == 0, Status.MAX_ITER, _RUNNING)),
+        ).astype(jnp.int8)
+        return _State(
+            x=x0,
+            cost=cost0,
+            chi2=jnp.sum(r0 * r0),
+            jtwj=jtwj0,
+            grad=grad0,
+            diag=jnp.diagonal(jtwj0),
+            lam=lam_0,
+            n_iter=jnp.asarray(0, jnp.int32),
+            n_jac=jnp.asarray(1, jnp.int32),
+            status=status0,
+        )
 
-    def cond(st):
-        return st.status == _RUNNING
-
-    def body(st):
+    def step(st, args, fresh, x_fresh):
         # Marquardt scaling with floors: a column with no effect (zero diagonal) gets a small
         # positive scale so the scaled system stays well defined (its step is 0 anyway).
         d = jnp.maximum(st.diag, jnp.maximum(eps * jnp.max(st.diag, initial=0.0), tiny))
@@ -378,41 +406,42 @@ def levenberg_marquardt(
         step_ok = finite(delta)
         delta = jnp.where(step_ok, delta, jnp.zeros_like(delta))
 
-        x_t = st.x + delta
-        r_t = resid(x_t)
+        x_t = jnp.where(fresh, x_fresh, st.x + delta)
+        r_t = resid(x_t, args)
         cost_t = cost_of(r_t)
-        trial_ok = step_ok & finite(r_t, cost_t)
+        trial_ok = (step_ok | fresh) & finite(x_t, r_t, cost_t)
         actred = jnp.where(trial_ok, st.cost - cost_t, -jnp.inf)
         # Reduction predicted by the (weighted) quadratic model ||r + J delta||^2.
         pred = -(2.0 * (st.grad @ delta) + delta @ (st.jtwj @ delta))
-        accept = trial_ok & (actred > 0)
+        accept = trial_ok & ((actred > 0) | fresh)
 
         # Only accepted points need a Jacobian (under vmap both branches run; see module doc).
         def new_point(_):
-            return linearize(x_t, r_t)
+            return linearize(x_t, r_t, args)
 
         def old_point(_):
             return st.jtwj, st.grad
 
-        jtwj_n, grad_n = lax.cond(accept, new_point, old_point, None)
+        jtwj_n, grad_n = lax.cond(accept | fresh, new_point, old_point, None)
         jac_ok = finite(jtwj_n, grad_n)
         moved = accept & jac_ok
 
         rho = actred / jnp.maximum(pred, tiny)
         down = jnp.maximum(lam_down, 1.0 - (2.0 * rho - 1.0) ** 3)
         lam_n = jnp.where(accept, st.lam * down, st.lam * lam_up)
-        capped = ~accept & (st.lam >= lam_max)
-        lam_n = jnp.clip(lam_n, lam_min, lam_max)
+        capped = ~fresh & ~accept & (st.lam >= lam_max)
+        lam_n = jnp.where(fresh, lam_0, jnp.clip(lam_n, lam_min, lam_max))
 
         sqd = jnp.sqrt(d)
-        small_step = jnp.linalg.norm(sqd * delta) <= xtol_ * (jnp.linalg.norm(sqd * st.x) + xtol_)
-        small_red = accept & (actred <= ftol_ * st.cost)
+        small_step = ~fresh & (jnp.linalg.norm(sqd * delta) <= xtol_ * (jnp.linalg.norm(sqd * st.x) + xtol_))
+        small_red = ~fresh & accept & (actred <= ftol_ * st.cost)
         gnorm_n = jnp.max(jnp.abs(grad_n), initial=0.0)
         small_grad = moved & (gnorm_n <= gtol_)
-        n_iter = st.n_iter + 1
+        n_iter = jnp.where(fresh, 0, st.n_iter + 1)
 
         status = jnp.select(
             [
+                fresh & ~moved,  # a new start that is NaN/inf (as init)
                 accept & ~jac_ok,  # finite residual but NaN/inf Jacobian: keep the last good point
                 moved & (small_red | small_step | small_grad),
                 ~accept & trial_ok & small_step,  # damping shrank the step below x's resolution
@@ -420,12 +449,12 @@ def levenberg_marquardt(
                 capped,
                 n_iter >= max_iter,
             ],
-            [Status.NONFINITE, Status.CONVERGED, Status.CONVERGED, Status.NONFINITE, Status.FAILED, Status.MAX_ITER],
+            [Status.NONFINITE, Status.NONFINITE, Status.CONVERGED, Status.CONVERGED, Status.NONFINITE, Status.FAILED, Status.MAX_ITER],
             default=_RUNNING,
         ).astype(jnp.int8)
 
         def pick(new, old):
-            return jnp.where(moved, new, old)
+            return jnp.where(moved | fresh, new, old)
 
         return _State(
             x=pick(x_t, st.x),
@@ -433,25 +462,112 @@ def levenberg_marquardt(
             chi2=pick(jnp.sum(r_t * r_t), st.chi2),
             jtwj=pick(jtwj_n, st.jtwj),
             grad=pick(grad_n, st.grad),
-            diag=pick(jnp.maximum(st.diag, jnp.diagonal(jtwj_n)), st.diag),
+            diag=jnp.where(fresh, jnp.diagonal(jtwj_n), pick(jnp.maximum(st.diag, jnp.diagonal(jtwj_n)), st.diag)),
             lam=lam_n,
             n_iter=n_iter,
-            n_jac=st.n_jac + accept.astype(jnp.int32),
+            n_jac=jnp.where(fresh, 1, st.n_jac + accept.astype(jnp.int32)),
             status=status,
         )
 
-    st = lax.while_loop(cond, body, state0)
-    return LMResult(
-        x=st.x,
-        cost=st.cost,
-        chi2=st.chi2,
-        n_iter=st.n_iter,
-        n_jac=st.n_jac,
-        status=st.status,
-        grad_norm=jnp.max(jnp.abs(st.grad), initial=0.0),
-        jtj=st.jtwj,
-        damping=st.lam,
-    )
+    return init, step
+
+
+def levenberg_marquardt_queue(
+    residual_fn: Callable,
+    x0,
+    args: tuple = (),
+    *,
+    in_axes: tuple | None = None,
+    slots: int = 16,
+    n_active=None,
+    max_iter: int = 100,
+    ftol: float = 1e-8,
+    xtol: float = 1e-8,
+    gtol: float = 1e-10,
+    lambda_init: float = 1e-3,
+    lambda_up: float = 10.0,
+    lambda_down: float = 0.3,
+    robust: str | None = None,
+    robust_scale: float = 1.0,
+    jacobian: str = "fwd",
+) -> LMResult:
+    """Levenberg-Marquardt for a batch of problems through a queue of ``slots`` lanes.
+
+    ``jax.vmap(levenberg_marquardt)`` runs every problem until the slowest stops, so most
+    lanes idle once their problem has converged. Here a fixed number of lanes iterate; a
+    lane whose problem stops writes its result and takes the next problem of the queue in
+    the same compiled loop, so lanes idle only while the queue drains. Each problem follows
+    exactly the iterations :func:`levenberg_marquardt` would take.
+
+    Parameters
+    ----------
+    residual_fn, max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_down, robust, robust_scale, jacobian
+        As :func:`levenberg_marquardt`.
+    x0 : array (n_problems, n_free)
+        Starting points, one row per problem.
+    args : tuple
+        Extra arguments of ``residual_fn``; those with ``in_axes`` 0 have one row per problem.
+    in_axes : tuple of {0, None}, optional
+        Per argument: 0 batched along the problems, None shared (default: all 0).
+    slots : int, default 16
+        Lanes iterating at once (static).
+    n_active : int, optional
+        Only the first ``n_active`` problems are solved (the rest are padding: their result
+        is the start, status ``MAX_ITER``, 0 iterations); may be traced. Default all.
+
+    Returns
+    -------
+    LMResult
+        Batched along the problems, as ``jax.vmap(levenberg_marquardt)`` would return.
+    """
+    _check_options(max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_down, robust, robust_scale, jacobian)
+    x0 = jnp.asarray(x0)
+    if x0.ndim != 2:
+        raise ValueError(f"levenberg_marquardt_queue(x0=...): expected (n_problems, n_free), got shape {x0.shape}.")
+    if not (isinstance(slots, int) and slots >= 1):
+        raise OptionError(f"levenberg_marquardt_queue(slots={slots!r}): must be an int >= 1.")
+    args = tuple(args)
+    in_axes = tuple(in_axes) if in_axes is not None else (0,) * len(args)
+    n_prob, n = x0.shape
+    dtype = x0.dtype
+    n_active = n_prob if n_active is None else n_active
+    init, step = _lm_functions(residual_fn, dtype, n, max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol,
+                               lambda_init=lambda_init, lambda_up=lambda_up, lambda_down=lambda_down, robust=robust,
+                               robust_scale=robust_scale, jacobian=jacobian)
+    lanes = min(slots, n_prob)
+
+    def lane_args(idx):
+        return tuple(a[idx] if ax == 0 else a for a, ax in zip(args, in_axes))
+
+    vstep = jax.vmap(step, in_axes=(0, tuple(0 if ax == 0 else None for ax in in_axes), 0, 0))
+    idx0 = jnp.arange(lanes)
+    # Lanes start "fresh": the first step evaluates each lane's start (as init does).
+    template = jax.eval_shape(init, x0[0], tuple(a[0] if ax == 0 else a for a, ax in zip(args, in_axes)))
+    st0 = jax.tree_util.tree_map(lambda t: jnp.zeros((lanes,) + t.shape, t.dtype), template)
+    st0 = st0._replace(status=jnp.full((lanes,), _RUNNING, jnp.int8))
+    out0 = _result(jax.tree_util.tree_map(lambda t: jnp.zeros((n_prob,) + t.shape, t.dtype), template))
+    out0 = out0._replace(x=x0, status=jnp.full((n_prob,), Status.MAX_ITER, jnp.int8))
+    carry0 = (st0, idx0, idx0 < n_active, idx0 < n_active, jnp.asarray(lanes, jnp.int32), out0)
+
+    def cond(c):
+        return jnp.any(c[2])
+
+    def body(c):
+        st, idx, valid, fresh, nxt, out = c
+        st = vstep(st, lane_args(idx), fresh, x0[idx])
+        done = valid & (st.status != _RUNNING)
+        # Finished lanes write their result (index n_prob is out of range: dropped).
+        target = jnp.where(done, idx, n_prob)
+        res = _result(st)
+        out = jax.tree_util.tree_map(lambda o, v: o.at[target].set(v, mode="drop"), out, res)
+        # ...and take the next problems of the queue, in lane order.
+        new_idx = nxt + jnp.cumsum(done) - 1
+        refill = done & (new_idx < n_active)
+        idx = jnp.where(refill, new_idx, idx)
+        valid = (valid & ~done) | refill
+        return st, idx, valid, refill, nxt + jnp.sum(done, dtype=jnp.int32), out
+
+    return lax.while_loop(cond, body, carry0)[5]
 
 
 def lm_covariance(jtj, *, rcond: float | None = None) -> jax.Array:

@@ -272,7 +272,7 @@ register_solver("lbfgs", _solve_lbfgs, description="optax.lbfgs with its zoom li
 register_solver(
     "lm",
     _solve_lm,
-    defaults={"rtol": 1e-8, "gtol": 1e-10, "xtol": 1e-8, "robust_scale": 1.0},
+    defaults={"rtol": 1e-8, "gtol": 1e-10, "xtol": 1e-8, "robust_scale": 1.0, "slots": 0},
     description="batched Levenberg-Marquardt with exact JAX Jacobians (robust IRLS for log-cosh)",
 )
 
@@ -548,7 +548,52 @@ class Minimizer:
                 out.raw,
             )
 
+        if self.method == "lm" and options.get("slots"):
+            return self._build_lm_queue(params, axes)
         return jax.jit(jax.vmap(one, in_axes=axes))
+
+    def _build_lm_queue(self, params: Parameters, axes: tuple) -> Callable:
+        """``method="lm"`` with ``slots=B``: B lanes work through the batch as a queue
+        (:func:`~sheap_dask.lm.levenberg_marquardt_queue`); per spectrum the same iterations
+        and results as the vmapped solve, without lanes idling behind the slowest spectrum."""
+        import jax
+        import jax.numpy as jnp
+
+        from .lm import levenberg_marquardt_queue
+
+        func, options, num_steps, n_free = self.func, self.options, self.num_steps, params.n_free
+        init_ax, wl_ax, _, _, lo_ax, hi_ax = axes
+
+        def residuals(raw, init, wl, flux, err, lo, hi):
+            convert = lambda r: params.raw_to_phys(r, lo, hi, init)  # noqa: E731
+            return weighted_residuals(func, raw, wl, flux, err, param_converter=convert)
+
+        def solve(init, wl, flux, err, lo, hi, n_active):
+            self.n_compilations += 1  # runs at trace time only: counts compilations
+            batch = flux.shape[0]
+            raw0 = jax.vmap(params.raw_init, in_axes=(init_ax, lo_ax, hi_ax), axis_size=batch)(init, lo, hi)
+            res = levenberg_marquardt_queue(
+                residuals, raw0, (init, wl, flux, err, lo, hi), in_axes=axes, slots=int(options["slots"]), n_active=n_active,
+                max_iter=num_steps, ftol=options["rtol"], xtol=options["xtol"], gtol=options["gtol"],
+                robust="logcosh" if options["loss_kind"] == "logcosh" else None, robust_scale=options["robust_scale"],
+            )
+            convert = jax.vmap(lambda r, i, lo_, hi_: params.raw_to_phys(r, lo_, hi_, i), in_axes=(0, init_ax, lo_ax, hi_ax))
+            phys = convert(res.x, init, lo, hi)
+            no_data = jax.vmap(lambda w, f, e: jnp.sum(usable_mask(w, f, e)) < max(n_free, 1), in_axes=(wl_ax, 0, 0))(wl, flux, err)
+            nan = jnp.asarray(jnp.nan, flux.dtype)
+            col = no_data[:, None]
+            return (
+                jnp.where(col, nan, phys),
+                jnp.where(no_data, nan, res.cost),
+                jnp.where(col, nan, jnp.broadcast_to(res.cost[:, None], (batch, num_steps))),
+                jnp.where(no_data, 0, res.n_iter).astype(jnp.int32),
+                jnp.where(no_data, jnp.int8(Status.NO_DATA), res.status).astype(jnp.int8),
+                jnp.where(no_data, nan, res.grad_norm),
+                res.x,
+            )
+
+        compiled = jax.jit(solve)
+        return lambda *arrays, n_active=None: compiled(*arrays, arrays[2].shape[0] if n_active is None else n_active)
 
     def _prepare(self, initial_params, flux, wavelength, errors, constraints):
         import jax.numpy as jnp
@@ -623,7 +668,7 @@ class Minimizer:
         axes = (0 if mode in (4, 5) else None, 0 if wl.ndim == 2 else None, 0, 0, 0 if mode == 5 else None, 0 if mode == 5 else None)
         return params, arrays, axes, squeeze
 
-    def run(self, initial_params, flux, wavelength, errors=None, constraints=None) -> MinimizeResult:
+    def run(self, initial_params, flux, wavelength, errors=None, constraints=None, *, n_active=None) -> MinimizeResult:
         """Fit every spectrum; returns a :class:`MinimizeResult`.
 
         Parameters
@@ -640,13 +685,19 @@ class Minimizer:
         constraints : array, optional
             (n_params, 2) or, for ``non_optimize_in_axis=5``, (batch, n_params, 2) lower/upper
             bounds; ``None`` uses those of ``param_converter`` (unbounded otherwise).
+        n_active : int, optional
+            ``method="lm"`` with ``slots``: solve only the first ``n_active`` spectra (the rest
+            pad the batch to its compiled shape and keep their starts); default all.
         """
+        if n_active is not None and not (self.method == "lm" and self.options.get("slots")):
+            raise OptionError("n_active is only for method='lm' with slots > 0.")
         params, arrays, axes, _ = self._prepare(initial_params, flux, wavelength, errors, constraints)
         key = (params.n_params, axes) + tuple((a.shape, str(a.dtype)) for a in arrays)
         fn = self._compiled.get(key)
         if fn is None:
             fn = self._compiled[key] = self._build(params, axes)
-        phys, loss, history, n_iter, status, gnorm, raw = (np.asarray(a) for a in fn(*arrays))
+        extra = {} if n_active is None else {"n_active": int(n_active)}
+        phys, loss, history, n_iter, status, gnorm, raw = (np.asarray(a) for a in fn(*arrays, **extra))
         return MinimizeResult(phys, loss, history, n_iter, status, gnorm, raw, params.names, self.method)
 
     def __call__(self, initial_params, flux, wavelength, errors=None, constraints=None):

@@ -63,7 +63,8 @@ def test_short_chunk_is_padded_not_recompiled(data):
     np.testing.assert_allclose(a["params"][:5], b["params"], rtol=1e-10)
 
 
-def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch):
+@pytest.mark.parametrize("slots", [0, 3], ids=["two_stage", "lanes"])
+def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
     """A fit LM drove onto a bound (flux at 0, centre at its limit) is re-fitted from its
     initial values, in groups of the compiled shape even for a short last chunk."""
     from sheap_dask import chunk
@@ -72,7 +73,7 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch):
     good = np.setdiff1d(np.arange(16), [1, 2, 3])
     flux, ivar = flux[good], ivar[good]
     model = gauss_model()
-    opts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=True)
+    opts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=True, slots=slots)
     reference = fit_chunk(model, wl, flux[:8], ivar[:8], options=opts, pad_to=8)
     assert np.all(reference["status"] == Status.CONVERGED)
 
@@ -85,7 +86,7 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch):
         return solved
 
     monkeypatch.setattr(chunk, "_batched_solve", stuck)
-    no_restarts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=False)
+    no_restarts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=False, slots=slots)
     without = fit_chunk(model, wl, flux[:8], ivar[:8], options=no_restarts, pad_to=8)
     assert np.all(without["chi2"][[2, 4]] > 10 * reference["chi2"][[2, 4]])
     out = fit_chunk(model, wl, flux[:8], ivar[:8], options=opts, pad_to=8)
@@ -99,6 +100,18 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch):
     after = compile_stats()
     np.testing.assert_allclose(short["chi2"], reference["chi2"][:5], rtol=1e-6)
     assert (after["traces"], after["compiling_chunks"]) == (before["traces"], before["compiling_chunks"])
+
+
+def test_lm_lanes_match_one_vmapped_loop(data):
+    wl, flux, ivar, _ = data
+    model = gauss_model()
+    one_loop = fit_chunk(model, wl, flux, ivar, options=ChunkOptions(method="lm", num_steps=100, dtype="float64", slots=0, stage_iter=0), pad_to=16)
+    lanes = fit_chunk(model, wl, flux, ivar, options=ChunkOptions(method="lm", num_steps=100, dtype="float64", slots=3), pad_to=16)
+    np.testing.assert_allclose(lanes["params"], one_loop["params"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(lanes["status"], one_loop["status"])
+    np.testing.assert_array_equal(lanes["n_iter"], one_loop["n_iter"])
+    with pytest.raises(OptionError, match="slots=-1"):
+        fit_chunk(model, wl, flux, ivar, options=ChunkOptions(slots=-1))
 
 
 def test_fallback_rescues_unconverged_spectra(data):

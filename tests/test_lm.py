@@ -15,7 +15,7 @@ import pytest
 from scipy.optimize import curve_fit, least_squares
 
 from sheap_dask.errors import OptionError
-from sheap_dask.lm import LMResult, levenberg_marquardt, lm_covariance
+from sheap_dask.lm import LMResult, levenberg_marquardt, levenberg_marquardt_queue, lm_covariance
 from sheap_dask.status import Status
 
 TIGHT = dict(ftol=1e-14, xtol=1e-14, gtol=1e-12, max_iter=200)
@@ -181,6 +181,34 @@ def test_vmap_batch_of_64_agrees_with_scipy(rng):
         np.testing.assert_allclose(res.x[i], ref, rtol=1e-6, atol=1e-8, err_msg=f"problem {i}")
     # reduced chi-square near 1: these are the right minima, not just scipy's
     np.testing.assert_array_less(np.asarray(res.chi2) / (n - 5), 1.5)
+
+
+@pytest.mark.parametrize("slots", [1, 5, 64])
+def test_queue_of_lanes_gives_each_problem_its_vmapped_result(rng, slots):
+    """Lanes refilled from a queue: every problem (a NaN one and a far start included)
+    follows the same iterations as under vmap; padding beyond n_active is never solved."""
+    b, n = 23, 60
+    t = np.linspace(0.0, 4.0, n)
+    a, k = rng.uniform(1.0, 3.0, b), rng.uniform(0.3, 2.0, b)
+    y = a[:, None] * np.exp(-k[:, None] * t) + 0.01 * rng.standard_normal((b, n))
+    y[4] = np.nan
+    x0 = np.tile([1.0, 1.0, 0.0], (b, 1))
+    x0[7] = [50.0, -3.0, 0.0]
+    sig = np.full((b, n), 0.01)
+    opts = dict(max_iter=60, robust="logcosh", robust_scale=3.0)
+    args = (jnp.asarray(t), jnp.asarray(y), jnp.asarray(sig))
+    ref = jax.jit(jax.vmap(partial(levenberg_marquardt, exp_decay, **opts), in_axes=(0, (None, 0, 0))))(jnp.asarray(x0), args)
+    queue = jax.jit(partial(levenberg_marquardt_queue, exp_decay, in_axes=(None, 0, 0), slots=slots, **opts))
+    res = queue(jnp.asarray(x0), args)
+    for name in LMResult._fields:
+        np.testing.assert_allclose(np.asarray(getattr(res, name)), np.asarray(getattr(ref, name)), rtol=1e-10, err_msg=name)
+    assert int(res.status[4]) == Status.NONFINITE and np.all(np.delete(np.asarray(res.n_iter), 4) > 0)
+    part = queue(jnp.asarray(x0), args, n_active=10)
+    np.testing.assert_allclose(np.asarray(part.x[:10]), np.asarray(ref.x[:10]), rtol=1e-10)
+    np.testing.assert_array_equal(np.asarray(part.x[10:]), x0[10:])
+    assert np.all(np.asarray(part.n_iter[10:]) == 0) and np.all(np.asarray(part.status[10:]) == Status.MAX_ITER)
+    with pytest.raises(OptionError, match="slots=0"):
+        levenberg_marquardt_queue(exp_decay, jnp.asarray(x0), args, in_axes=(None, 0, 0), slots=0)
 
 
 # ---------------------------------------------------------------- robust loss

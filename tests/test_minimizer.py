@@ -9,6 +9,7 @@ import pytest
 from problems import PROBLEMS
 from scipy.optimize import least_squares
 
+from sheap_dask.errors import OptionError
 from sheap_dask.minimizer import MinimizeResult, Minimizer
 from sheap_dask.parameters import Parameters
 from sheap_dask.status import Status
@@ -95,6 +96,25 @@ def test_adam_agrees_with_lbfgs_and_scipy(gauss):
     np.testing.assert_allclose(a.params, b.params, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(a.params, ref, rtol=1e-4, atol=1e-4)
     assert np.all(a.loss >= b.loss - 1e-9)
+
+
+def test_lm_lanes_match_vmapped_lm_and_scipy(gauss):
+    """method="lm" with slots: the same result object and fits as the vmapped LM."""
+    prob, data, _, ref = gauss
+    kw = dict(non_optimize_in_axis=3, num_steps=100, method="lm", param_converter=prob.params, loss_kind="chi2")
+    vmapped = Minimizer(prob.func, **kw).run(prob.params.values, data.flux, data.wavelength, data.errors)
+    lanes_m = Minimizer(prob.func, slots=3, **kw)
+    lanes = lanes_m.run(prob.params.values, data.flux, data.wavelength, data.errors)
+    for field in ("params", "loss", "loss_history", "n_iter", "status"):
+        np.testing.assert_allclose(getattr(lanes, field), getattr(vmapped, field), rtol=1e-9, atol=1e-12, err_msg=field)
+    # |J^T r| at the optimum is a sum of cancelling terms: equal to rounding
+    np.testing.assert_allclose(lanes.grad_norm, vmapped.grad_norm, rtol=1e-6)
+    np.testing.assert_allclose(lanes.params, ref, rtol=1e-6, atol=1e-7)
+    part = lanes_m.run(prob.params.values, data.flux, data.wavelength, data.errors, n_active=2)
+    np.testing.assert_allclose(part.params[:2], vmapped.params[:2], rtol=1e-9)
+    assert np.all(part.n_iter[2:] == 0)
+    with pytest.raises(OptionError, match="n_active"):
+        Minimizer(prob.func, **kw).run(prob.params.values, data.flux, data.wavelength, data.errors, n_active=2)
 
 
 def test_history_padding_and_monotone_lbfgs(gauss):
