@@ -290,12 +290,15 @@ class _CompiledModel:
     def post_rows(self, phys, wavelength, flux, errors, n_rows: int, group: int):
         """:meth:`post` of the first ``n_rows`` rows in groups of ``group`` (the last padded):
         the padding of a batch is not worth a float64 Jacobian."""
-        n_groups = -(-n_rows // group)
-        take = np.minimum(np.arange(n_groups * group), n_rows - 1)
-        wl = wavelength[take] if np.ndim(wavelength) == 2 else wavelength
-        chi2, jtj = self.post(phys[take], wl, flux[take], errors[take])
-        pad = len(phys) - n_rows
-        return np.concatenate([chi2[:n_rows], np.full(pad, np.nan)]), np.concatenate([jtj[:n_rows], np.full((pad,) + jtj.shape[1:], np.nan)])
+        chi2 = np.full(len(phys), np.nan)
+        jtj = np.full((len(phys), self.n_free, self.n_free), np.nan)
+        for first in range(0, n_rows, group):  # one compiled shape: (group, ...)
+            take = np.minimum(np.arange(first, first + group), n_rows - 1)
+            wl = wavelength[take] if np.ndim(wavelength) == 2 else wavelength
+            c, j = self.post(phys[take], wl, flux[take], errors[take])
+            k = min(group, n_rows - first)
+            chi2[first : first + k], jtj[first : first + k] = c[:k], j[:k]
+        return chi2, jtj
 
     def warm_up(self, start, flux, wavelength, errors, batch: int, dtype) -> None:
         """Compile, during a worker's first chunk, every program a later chunk may need.

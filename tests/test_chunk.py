@@ -74,32 +74,35 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
     flux, ivar = flux[good], ivar[good]
     model = gauss_model()
     opts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=True, slots=slots)
-    reference = fit_chunk(model, wl, flux[:8], ivar[:8], options=opts, pad_to=8)
+    reference = fit_chunk(model, wl, flux, ivar, options=opts, pad_to=13)
     assert np.all(reference["status"] == Status.CONVERGED)
 
     solve = chunk._batched_solve
 
-    def stuck(*args, **kwargs):  # spectra 2 and 4 end on bounds, as in a local minimum
+    def stuck(*args, **kwargs):  # spectra end on bounds, as in a local minimum
         solved = solve(*args, **kwargs)
-        solved["params"][2, 0] = 1e-12  # amp at its lower bound 0
-        solved["params"][4, :2] = [1e-12, 4980.0 + 1e-9]  # amp and centre on bounds
+        solved["params"][[0, 2, 6], 0] = 1e-12  # amp at its lower bound 0
+        solved["params"][[4, 5], :2] = [1e-12, 4980.0 + 1e-9]  # amp and centre on bounds
         return solved
 
+    stuck_rows = [0, 2, 4, 5, 6]  # 10 restarts: more than one group of 8; a minority of the chunk
+    assert len(flux) == 13
     monkeypatch.setattr(chunk, "_batched_solve", stuck)
-    no_restarts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=False, slots=slots)
-    without = fit_chunk(model, wl, flux[:8], ivar[:8], options=no_restarts, pad_to=8)
-    assert np.all(without["chi2"][[2, 4]] > 10 * reference["chi2"][[2, 4]])
-    out = fit_chunk(model, wl, flux[:8], ivar[:8], options=opts, pad_to=8)
+    before = compile_stats()
+    out = fit_chunk(model, wl, flux, ivar, options=opts, pad_to=13)
+    short = fit_chunk(model, wl, flux[:11], ivar[:11], options=opts, pad_to=13)  # a short last chunk
+    after = compile_stats()
+    # every restart and post-processing shape was compiled with the first chunk
+    assert (after["traces"], after["compiling_chunks"]) == (before["traces"], before["compiling_chunks"])
     np.testing.assert_allclose(out["chi2"], reference["chi2"], rtol=1e-6)
     np.testing.assert_allclose(out["params"], reference["params"], rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(out["params_err"], reference["params_err"], rtol=1e-4)
-    assert np.all(out["n_iter"][[2, 4]] > without["n_iter"][[2, 4]])
+    np.testing.assert_allclose(short["chi2"], reference["chi2"][:11], rtol=1e-6)
 
-    before = compile_stats()
-    short = fit_chunk(model, wl, flux[:5], ivar[:5], options=opts, pad_to=8)  # a short last chunk
-    after = compile_stats()
-    np.testing.assert_allclose(short["chi2"], reference["chi2"][:5], rtol=1e-6)
-    assert (after["traces"], after["compiling_chunks"]) == (before["traces"], before["compiling_chunks"])
+    no_restarts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", restarts=False, slots=slots)
+    without = fit_chunk(model, wl, flux, ivar, options=no_restarts, pad_to=13)
+    assert np.all(without["chi2"][stuck_rows] > 10 * reference["chi2"][stuck_rows])
+    assert np.all(out["n_iter"][stuck_rows] > without["n_iter"][stuck_rows])
 
 
 def test_lm_lanes_match_one_vmapped_loop(data):
