@@ -73,6 +73,7 @@ least-squares", Comm. Statist. Theory Methods 6, 813 (1977).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -283,7 +284,9 @@ def levenberg_marquardt(
     >>> res.status.tolist()
     [0, 0]
     """
-    _check_options(max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_down, robust, robust_scale, jacobian)
+    options = dict(max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol, lambda_init=lambda_init, lambda_up=lambda_up,
+                   lambda_down=lambda_down, robust=robust, robust_scale=robust_scale, jacobian=jacobian)
+    _check_options(**options)
     if not callable(residual_fn):
         raise OptionError(f"levenberg_marquardt(residual_fn=...): must be callable, got {type(residual_fn).__name__}.")
     x0 = jnp.asarray(x0)
@@ -301,11 +304,15 @@ def levenberg_marquardt(
             f"levenberg_marquardt(residual_fn=...): must return a 1-D residual vector for one problem, got shape {r_shape}; "
             "flatten it (e.g. return r.ravel())."
         )
-    init, step = _lm_functions(residual_fn, x0.dtype, x0.shape[0], max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol,
-                               lambda_init=lambda_init, lambda_up=lambda_up, lambda_down=lambda_down, robust=robust,
-                               robust_scale=robust_scale, jacobian=jacobian)
+    init, step = _lm_functions(residual_fn, x0.dtype, x0.shape[0], **options)
     st = lax.while_loop(lambda st: st.status == _RUNNING, lambda st: step(st, args, False, st.x), init(x0, args))
     return _result(st)
+
+
+# The keyword options of levenberg_marquardt and their defaults: the queue solver takes the same.
+_LM_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(levenberg_marquardt).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
 
 
 def _result(st: _State) -> LMResult:
@@ -480,16 +487,7 @@ def levenberg_marquardt_queue(
     in_axes: tuple | None = None,
     slots: int = 16,
     n_active=None,
-    max_iter: int = 100,
-    ftol: float = 1e-8,
-    xtol: float = 1e-8,
-    gtol: float = 1e-10,
-    lambda_init: float = 1e-3,
-    lambda_up: float = 10.0,
-    lambda_down: float = 0.3,
-    robust: str | None = None,
-    robust_scale: float = 1.0,
-    jacobian: str = "fwd",
+    **options,
 ) -> LMResult:
     """Levenberg-Marquardt for a batch of problems through a queue of ``slots`` lanes.
 
@@ -501,7 +499,7 @@ def levenberg_marquardt_queue(
 
     Parameters
     ----------
-    residual_fn, max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_down, robust, robust_scale, jacobian
+    residual_fn
         As :func:`levenberg_marquardt`.
     x0 : array (n_problems, n_free)
         Starting points, one row per problem.
@@ -514,13 +512,21 @@ def levenberg_marquardt_queue(
     n_active : int, optional
         Only the first ``n_active`` problems are solved (the rest are padding: their result
         is the start, status ``MAX_ITER``, 0 iterations); may be traced. Default all.
+    **options
+        The keyword options of :func:`levenberg_marquardt` (``max_iter``, ``ftol``, ``xtol``,
+        ``gtol``, ``lambda_init``, ``lambda_up``, ``lambda_down``, ``robust``, ``robust_scale``,
+        ``jacobian``), with the same defaults.
 
     Returns
     -------
     LMResult
         Batched along the problems, as ``jax.vmap(levenberg_marquardt)`` would return.
     """
-    _check_options(max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_down, robust, robust_scale, jacobian)
+    unknown = sorted(set(options) - set(_LM_DEFAULTS))
+    if unknown:
+        raise OptionError(f"levenberg_marquardt_queue: unknown option(s) {unknown}; valid: {sorted(_LM_DEFAULTS)}.")
+    options = {**_LM_DEFAULTS, **options}
+    _check_options(**options)
     x0 = jnp.asarray(x0)
     if x0.ndim != 2:
         raise ValueError(f"levenberg_marquardt_queue(x0=...): expected (n_problems, n_free), got shape {x0.shape}.")
@@ -531,9 +537,7 @@ def levenberg_marquardt_queue(
     n_prob, n = x0.shape
     dtype = x0.dtype
     n_active = n_prob if n_active is None else n_active
-    init, step = _lm_functions(residual_fn, dtype, n, max_iter=max_iter, ftol=ftol, xtol=xtol, gtol=gtol,
-                               lambda_init=lambda_init, lambda_up=lambda_up, lambda_down=lambda_down, robust=robust,
-                               robust_scale=robust_scale, jacobian=jacobian)
+    init, step = _lm_functions(residual_fn, dtype, n, **options)
     lanes = min(slots, n_prob)
 
     def lane_args(idx):
