@@ -312,14 +312,11 @@ class _CompiledModel:
             return
         self._warm = True
         constraints = np.stack([self.lower, self.upper], axis=-1).astype(dtype)
-        if self.slots and self.options.restarts:
-            rep = lambda a: np.repeat(np.asarray(a)[None], _group_size(batch), axis=0)  # noqa: E731
-            self.post(rep(start), wavelength if np.ndim(wavelength) == 1 else rep(wavelength), rep(flux), rep(errors))
+        rep = lambda a: np.repeat(np.asarray(a)[None], _group_size(batch), axis=0)  # noqa: E731
+        wl_g = wavelength if np.ndim(wavelength) == 1 else rep(wavelength)
         if self.straggler_minimizer is not None:
-            group = _group_size(batch)
-            rep = lambda a: np.repeat(np.asarray(a)[None], group, axis=0)  # noqa: E731
-            wl_g = wavelength if np.ndim(wavelength) == 1 else rep(wavelength)
             self.straggler_minimizer.run(rep(start).astype(dtype), rep(flux).astype(dtype), np.asarray(wl_g).astype(dtype), rep(errors).astype(dtype), constraints)
+        if self.options.method == "lm" and self.options.restarts:  # post-processing of restart groups
             self.post(rep(start), wl_g, rep(flux), rep(errors))
         if self.options.fallback == "slsqp":
             from .slsqp import SLSQP
@@ -684,10 +681,8 @@ def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, d
         res = solver.run(cast(starts[take]), cast(clean_flux[r]), cast(wl_g), cast(errors[r]), cast(constraints), **queue)
         params = np.asarray(res.params, dtype=np.float64)
         params = expand_free(compiled.model.params, params[:, compiled.free_index], params)  # exact ties
-        if compiled.slots:  # post-process the real rows only, in groups of the warmed-up shape
-            chi2, jtj_g = compiled.post_rows(params, wl_g, clean_flux[r], errors[r], idx.size, _group_size(batch))
-        else:
-            chi2, jtj_g = compiled.post(params, wl_g, clean_flux[r], errors[r])
+        # the real rows only, in groups of the warmed-up shape
+        chi2, jtj_g = compiled.post_rows(params, wl_g, clean_flux[r], errors[r], idx.size, _group_size(batch))
         # Per spectrum, the best converged restart of this group replaces the current fit
         # when its chi-square is lower (a spectrum's two starts may share a group).
         valid = np.flatnonzero((np.asarray(res.status[: idx.size]) == Status.CONVERGED) & np.isfinite(chi2[: idx.size]))
