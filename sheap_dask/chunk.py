@@ -708,12 +708,7 @@ def _fallback_candidates(out, good, compiled, options) -> np.ndarray:
     if converged.any():
         bad |= converged & _redchi2_outlier(redchi2, out["dof"], float(np.median(redchi2[converged])), options.fallback_redchi2_sigma)
     if options.pinned_fraction and options.pinned_fraction > 0:
-        lo, hi = compiled.lower[compiled.free_index], compiled.upper[compiled.free_index]
-        span = np.where(np.isfinite(hi - lo), hi - lo, np.inf)
-        p = out["params"][:, compiled.free_index]
-        with np.errstate(invalid="ignore"):
-            pinned = (np.abs(p - lo) < options.pinned_fraction * span) | (np.abs(hi - p) < options.pinned_fraction * span)
-        bad |= good & np.any(pinned, axis=1)
+        bad |= good & _pinned(out["params"], compiled, options.pinned_fraction).any(axis=1)
     return np.flatnonzero(bad)
 
 

@@ -105,6 +105,23 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
     assert np.all(out["n_iter"][stuck_rows] > without["n_iter"][stuck_rows])
 
 
+def test_fallback_pinned_rule_flags_only_parameters_at_a_bound(data):
+    """fallback pinned_fraction: a parameter with one finite bound (amp >= 0) counts as pinned
+    only near that bound, not always."""
+    from sheap_dask.chunk import _fallback_candidates, _get_compiled
+
+    wl, flux, ivar, _ = data
+    good = np.setdiff1d(np.arange(16), [1, 2, 3])
+    opts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", pinned_fraction=0.01).resolved()
+    out = fit_chunk(gauss_model(), wl, flux[good], ivar[good], options=opts)
+    compiled = _get_compiled(gauss_model(), opts)
+    ok = np.ones(good.size, dtype=bool)
+    assert _fallback_candidates(out, ok, compiled, opts).size == 0
+    out["params"][4, 0] = 1e-9  # amp on its bound 0
+    out["params"][6, 2] = 29.99  # sigma within 1% of its range from 30
+    np.testing.assert_array_equal(_fallback_candidates(out, ok, compiled, opts), [4, 6])
+
+
 def test_lm_lanes_match_one_vmapped_loop(data):
     wl, flux, ivar, _ = data
     model = gauss_model()
