@@ -248,8 +248,6 @@ def _solve_lm(problem: SolveProblem, raw0, args) -> SolveOutput:
     curvature, smoothness, max and penalty terms need adam or lbfgs. ``num_steps`` is the
     iteration budget; the loss history holds the final cost after the last iteration.
     """
-    import jax.numpy as jnp
-
     from .lm import levenberg_marquardt
 
     opts = problem.options
@@ -263,8 +261,35 @@ def _solve_lm(problem: SolveProblem, raw0, args) -> SolveOutput:
         robust="logcosh" if opts["loss_kind"] == "logcosh" else None,
         robust_scale=opts["robust_scale"],
     )
-    history = jnp.full((problem.num_steps,), res.cost, dtype=res.cost.dtype)
+    return _lm_output(res, problem.num_steps)
+
+
+def _lm_output(res, num_steps: int) -> SolveOutput:
+    """One spectrum's :class:`~sheap_dask.lm.LMResult` as a SolveOutput (the history is the
+    final cost: LM's budget is an iteration cap, not a fixed number of steps)."""
+    import jax.numpy as jnp
+
+    history = jnp.full((num_steps,), res.cost, dtype=res.cost.dtype)
     return SolveOutput(res.x, res.cost, history, res.n_iter.astype(jnp.int32), res.status.astype(jnp.int8), res.grad_norm)
+
+
+def _finish(params: Parameters, out: SolveOutput, init, wl, flux, err, lo, hi) -> tuple:
+    """One spectrum's outputs of the compiled solve: physical parameters, and NaN / 0 /
+    ``NO_DATA`` where the spectrum has fewer usable pixels than free parameters."""
+    import jax.numpy as jnp
+
+    no_data = jnp.sum(usable_mask(wl, flux, err)) < max(params.n_free, 1)
+    phys = params.raw_to_phys(out.raw, lo, hi, init)
+    nan = jnp.asarray(jnp.nan, flux.dtype)
+    return (
+        jnp.where(no_data, nan, phys),
+        jnp.where(no_data, nan, out.loss),
+        jnp.where(no_data, nan, out.history),
+        jnp.where(no_data, 0, out.n_iter).astype(jnp.int32),
+        jnp.where(no_data, jnp.int8(Status.NO_DATA), out.status).astype(jnp.int8),
+        jnp.where(no_data, nan, out.grad_norm),
+        out.raw,
+    )
 
 
 register_solver("adam", _solve_adam, description="optax.adam, fixed learning rate (default 1e-2)")
@@ -516,11 +541,9 @@ class Minimizer:
     # -- the compiled batched solve ------------------------------------------------------
     def _build(self, params: Parameters, axes: tuple) -> Callable:
         import jax
-        import jax.numpy as jnp
 
         solver = _SOLVERS[self.method]
         func, loss_options, options, num_steps, lr = self.func, self.loss_options, self.options, self.num_steps, self.learning_rate
-        n_free = params.n_free
 
         def one(init, wl, flux, err, lo, hi):
             self.n_compilations += 1  # runs at trace time only: counts compilations
@@ -535,18 +558,7 @@ class Minimizer:
                 options=options,
             )
             out = solver.solve(problem, raw0, (wl, flux, err))
-            no_data = jnp.sum(usable_mask(wl, flux, err)) < max(n_free, 1)
-            phys = convert(out.raw)
-            nan = jnp.asarray(jnp.nan, flux.dtype)
-            return (
-                jnp.where(no_data, nan, phys),
-                jnp.where(no_data, nan, out.loss),
-                jnp.where(no_data, nan, out.history),
-                jnp.where(no_data, 0, out.n_iter).astype(jnp.int32),
-                jnp.where(no_data, jnp.int8(Status.NO_DATA), out.status).astype(jnp.int8),
-                jnp.where(no_data, nan, out.grad_norm),
-                out.raw,
-            )
+            return _finish(params, out, init, wl, flux, err, lo, hi)
 
         if self.method == "lm" and options.get("slots"):
             return self._build_lm_queue(params, axes)
@@ -557,12 +569,11 @@ class Minimizer:
         (:func:`~sheap_dask.lm.levenberg_marquardt_queue`); per spectrum the same iterations
         and results as the vmapped solve, without lanes idling behind the slowest spectrum."""
         import jax
-        import jax.numpy as jnp
 
         from .lm import levenberg_marquardt_queue
 
-        func, options, num_steps, n_free = self.func, self.options, self.num_steps, params.n_free
-        init_ax, wl_ax, _, _, lo_ax, hi_ax = axes
+        func, options, num_steps = self.func, self.options, self.num_steps
+        init_ax, _, _, _, lo_ax, hi_ax = axes
 
         def residuals(raw, init, wl, flux, err, lo, hi):
             convert = lambda r: params.raw_to_phys(r, lo, hi, init)  # noqa: E731
@@ -577,20 +588,8 @@ class Minimizer:
                 max_iter=num_steps, ftol=options["rtol"], xtol=options["xtol"], gtol=options["gtol"],
                 robust="logcosh" if options["loss_kind"] == "logcosh" else None, robust_scale=options["robust_scale"],
             )
-            convert = jax.vmap(lambda r, i, lo_, hi_: params.raw_to_phys(r, lo_, hi_, i), in_axes=(0, init_ax, lo_ax, hi_ax))
-            phys = convert(res.x, init, lo, hi)
-            no_data = jax.vmap(lambda w, f, e: jnp.sum(usable_mask(w, f, e)) < max(n_free, 1), in_axes=(wl_ax, 0, 0))(wl, flux, err)
-            nan = jnp.asarray(jnp.nan, flux.dtype)
-            col = no_data[:, None]
-            return (
-                jnp.where(col, nan, phys),
-                jnp.where(no_data, nan, res.cost),
-                jnp.where(col, nan, jnp.broadcast_to(res.cost[:, None], (batch, num_steps))),
-                jnp.where(no_data, 0, res.n_iter).astype(jnp.int32),
-                jnp.where(no_data, jnp.int8(Status.NO_DATA), res.status).astype(jnp.int8),
-                jnp.where(no_data, nan, res.grad_norm),
-                res.x,
-            )
+            finish = lambda r, *a: _finish(params, _lm_output(r, num_steps), *a)  # noqa: E731
+            return jax.vmap(finish, in_axes=(0, *axes))(res, init, wl, flux, err, lo, hi)
 
         compiled = jax.jit(solve)
         return lambda *arrays, n_active=None: compiled(*arrays, arrays[2].shape[0] if n_active is None else n_active)
