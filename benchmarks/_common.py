@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+PLAIN_FIT = Path(__file__).with_name("_plain_fit.py")
 
 import sheap_dask as sd  # noqa: E402
+from sheap_dask.fit import _NANNY_ENVIRON, _worker_env  # noqa: E402
 from sheap_dask.models import derived  # noqa: E402
 
 
@@ -54,6 +58,26 @@ def local_cluster(n_workers: int = 2):
 
     with start_local_cluster(n_workers, 1) as cluster, Client(cluster) as client:
         yield client
+
+
+def plain_processes_seconds(store: Path, chunk: int, n_procs: int) -> float:
+    """Wall time of ``n_procs`` plain processes (no Dask) fitting every chunk of ``store``
+    between them with ``fit_chunk``, all started together after their compiling chunk, with
+    the environment of a worker (thread pools, malloc settings)."""
+    env = {**os.environ, **_worker_env(1), **_NANNY_ENVIRON}
+    with tempfile.TemporaryDirectory() as barrier:
+        procs = [
+            subprocess.Popen([sys.executable, str(PLAIN_FIT), str(store), str(chunk), str(i), str(n_procs), barrier, str(i)],
+                             env=env, stdout=subprocess.PIPE, text=True)
+            for i in range(n_procs)
+        ]
+        while len(list(Path(barrier).glob("ready-*"))) < n_procs:
+            if any(p.poll() not in (None, 0) for p in procs):
+                raise RuntimeError("a plain fitting process failed")
+            time.sleep(0.05)
+        (Path(barrier) / "go").touch()
+        seconds = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return max(seconds)
 
 
 def timed(fn, *args, **kwargs):

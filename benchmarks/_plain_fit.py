@@ -14,7 +14,6 @@ from pathlib import Path
 
 
 def main(store: str, chunk: int, first: int, step: int, barrier: Path, ident: str) -> None:
-    import numpy as np
     import xarray as xr
 
     import sheap_dask as sd

@@ -7,7 +7,8 @@
   fallback, errors, writing, scheduling), warm (second run, programs cached on the worker).
 
 * ``fit_chunk``: everything the chunk layer does (screening, data-driven initial values, the
-  solve, LM restarts, the SLSQP fallback, errors) in this process on in-memory arrays, warm.
+  solve, LM restarts, the SLSQP fallback, errors) in one plain process with a worker's
+  environment (no Dask, no zarr writes), warm.
 
 Target (issue 6): end_to_end / bare <= 1.3; ``dask_zarr_ratio_warm`` = end_to_end / fit_chunk
 isolates what Dask and zarr add. Prints one JSON line.
@@ -26,10 +27,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_
 import jax  # noqa: E402
 import numpy as np
 import xarray as xr
-from _common import parse_args, emit, local_cluster, machine, reference_store, timed
+from _common import parse_args, emit, local_cluster, machine, plain_processes_seconds, reference_store, timed
 
 import sheap_dask as sd
-from sheap_dask.chunk import ChunkOptions, _batched_solve, _get_compiled, fit_chunk
+from sheap_dask.chunk import ChunkOptions, _batched_solve, _get_compiled
 
 
 def bare_seconds(store: Path, model, chunk: int) -> tuple[float, float]:
@@ -50,29 +51,16 @@ def bare_seconds(store: Path, model, chunk: int) -> tuple[float, float]:
         start = model.initial_values(wl, np.where(use, flux, np.nan), np.where(use, ivar, 0.0))
         take = np.concatenate([np.arange(len(flux)), np.zeros(chunk - len(flux), dtype=int)])
         err = np.where(use, 1 / np.sqrt(np.where(use, ivar, 1.0)), np.inf)
-        batches.append((start[take], np.where(use, flux, 0.0)[take], err[take]))
+        batches.append((start[take], np.where(use, flux, 0.0)[take], err[take], len(flux)))
     with jax.enable_x64(options.dtype == "float64"):
         t0 = time.perf_counter()
-        _batched_solve(compiled, *batches[0][:2], wl, batches[0][2], constraints, dtype, options)
+        start, flux, err, n_good = batches[0]
+        _batched_solve(compiled, start, flux, wl, err, constraints, dtype, options, n_active=n_good)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for start, flux, err in batches:
-            _batched_solve(compiled, start, flux, wl, err, constraints, dtype, options)
+        for start, flux, err, n_good in batches:  # the padding is not solved, as in fit_chunk
+            _batched_solve(compiled, start, flux, wl, err, constraints, dtype, options, n_active=n_good)
         return time.perf_counter() - t0, first
-
-
-def fit_chunk_seconds(store: Path, model, chunk: int) -> float:
-    """All the numerical work of the chunk layer (screening, initial values, solve, restarts,
-    fallback, errors) in this process on in-memory arrays, warm: no Dask, no zarr."""
-    ds = xr.open_zarr(store).compute()
-    wl = ds.wavelength.values
-    blocks = [(ds.flux.values[a : a + chunk], ds.ivar.values[a : a + chunk]) for a in range(0, ds.sizes["spectrum"], chunk)]
-    for flux, ivar in blocks:  # warm-up: compile every program any chunk needs
-        fit_chunk(model, wl, flux, ivar, pad_to=chunk)
-    t0 = time.perf_counter()
-    for flux, ivar in blocks:
-        fit_chunk(model, wl, flux, ivar, pad_to=chunk)
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -85,7 +73,7 @@ def main() -> None:
         _, cold = timed(run, work / "e2e_cold.zarr")
         _, warm = timed(run, work / "e2e_warm.zarr")
     bare, bare_first = bare_seconds(store, model, args.chunk)
-    numeric = fit_chunk_seconds(store, model, args.chunk)
+    numeric = plain_processes_seconds(store, args.chunk, 1)
     emit(
         {
             "benchmark": "overhead",

@@ -18,44 +18,16 @@ Prints one JSON line. Run: ``python benchmarks/bench_scaling.py [--n 400] [--chu
 
 from __future__ import annotations
 
-import os
 import resource
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
-from _common import parse_args, emit, local_cluster, machine, reference_store, timed
+from _common import parse_args, emit, local_cluster, machine, plain_processes_seconds, reference_store, timed
 
 import sheap_dask as sd
 from sheap_dask.chunk import compile_stats
-from sheap_dask.fit import _NANNY_ENVIRON, _worker_env
-
-PLAIN_FIT = Path(__file__).with_name("_plain_fit.py")
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def plain_processes_seconds(store: Path, chunk: int, n_procs: int) -> float:
-    """Wall time of ``n_procs`` plain processes fitting every chunk of ``store`` between them,
-    all started together after their compiling chunk, with the workers' environment."""
-    env = {**os.environ, **_worker_env(1), **_NANNY_ENVIRON}
-    with tempfile.TemporaryDirectory() as barrier:
-        procs = [
-            subprocess.Popen([sys.executable, str(PLAIN_FIT), str(store), str(chunk), str(i), str(n_procs), barrier, str(i)],
-                             env=env, stdout=subprocess.PIPE, text=True)
-            for i in range(n_procs)
-        ]
-        while len(list(Path(barrier).glob("ready-*"))) < n_procs:
-            if any(p.poll() not in (None, 0) for p in procs):
-                raise RuntimeError("a plain fitting process failed")
-            time.sleep(0.05)
-        (Path(barrier) / "go").touch()
-        seconds = [float(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    return max(seconds)
 
 
 def main() -> None:
