@@ -439,8 +439,6 @@ def _compiled(model, kind: str, key: tuple, n_samples: int, batch_size: int):
     return jax.jit(values), jax.jit(errors)
 
 
-
-
 def _build(model, kind: str, key: tuple):
     """The per-spectrum function ``f(p, x) -> dict`` for a kind of measurement."""
     import jax.numpy as jnp

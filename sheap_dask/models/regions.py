@@ -438,7 +438,8 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
         profiles = {}  # the 9 width trials share most profiles: evaluate each once
 
         def profile(c, shift, fwhm):
-            key = tuple(v if isinstance(v, float) else id(v) for v in (shift, fwhm)) + (c.name,)
+            # scalars by value, per-spectrum arrays by identity (tagged: a value never equals an id)
+            key = tuple(("value", v) if isinstance(v, float) else ("array", id(v)) for v in (shift, fwhm)) + (c.name,)
             if key not in profiles:  # the arrays are kept with the profile: their ids stay unique
                 profiles[key] = (shift, fwhm, _np_profile(c.kind, wl2, 1.0, shift, fwhm, c.rest_wavelength))
             return profiles[key][2]
