@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..astro import air_to_vacuum  # the exact inverse of Morton (2000) eq. 8; re-exported
 from ..errors import ModelError
 from .profiles import C_KMS
 
@@ -104,14 +105,6 @@ _VELOCITY_STEP = 60.0
 _PAD_KMS = 21000.0
 # Lines farther than this outside a restricted range are dropped (see FeIITemplate.restricted).
 _KEEP_KMS = 20000.0
-
-
-def air_to_vacuum(wavelength_air) -> np.ndarray:
-    """Air to vacuum wavelengths (Angstrom, > 2000 A): IAU standard, Morton (2000) eq. 3."""
-    lam = np.asarray(wavelength_air, dtype=np.float64)
-    s2 = (1e4 / lam) ** 2
-    n = 1.0 + 8.34254e-5 + 2.406147e-2 / (130.0 - s2) + 1.5998e-4 / (38.9 - s2)
-    return lam * n
 
 
 def _next_fast_len(n: int) -> int:

@@ -1,0 +1,59 @@
+"""Reading spectra into the sheap_dask data conventions, and writing them to zarr.
+
+Every reader returns an :class:`xarray.Dataset` with dimensions ``("spectrum", "wavelength")``,
+``flux`` and ``ivar`` float32 variables (``ivar == 0`` masks a pixel), a ``wavelength``
+coordinate in Angstrom and per-spectrum coordinates (``redshift``, ``plate``, ``mjd``, ...).
+
+SDSS/BOSS/eBOSS spec files (:mod:`.sdss`)
+    :func:`read_sdss_spectra` puts many spec files on the common 1e-4 log10-wavelength grid;
+    :func:`ingest_sdss` streams them into a zarr store chunk by chunk.
+Tables and quasar-catalogue products (:mod:`.tables`)
+    :func:`read_table_spectrum` reads a (wavelength, flux, error) CSV/whitespace table;
+    :func:`read_rest_frame_fits` the rest-frame spectrum of a DR16Q/DR19 ``op`` file.
+zarr (:mod:`.zarr`)
+    :func:`open_spectra`, :func:`write_zarr`, and the chunk-by-chunk ingestion engine.
+Galactic extinction and air/vacuum wavelengths
+    live in :mod:`sheap_dask.astro` and are re-exported here: :func:`extinction_curve`,
+    :func:`dered`, :func:`air_to_vacuum`, :func:`vacuum_to_air`.
+
+astropy is needed only for FITS files; it is the optional extra ``sheap-dask[sdss]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import xarray as xr
+
+from ..astro import air_to_vacuum, dered, extinction_curve, vacuum_to_air
+from . import sdss as _sdss
+from . import tables as _tables
+from . import zarr as _zarr
+from .sdss import (
+    DEFAULT_MASK_BITS,
+    LOGLAM_STEP,
+    SDSS_PIXMASK_BITS,
+    ingest_sdss,
+    mask_value,
+    read_sdss_spectra,
+)
+from .tables import read_rest_frame_fits, read_table_spectrum
+from .zarr import open_spectra, write_zarr
+
+__all__ = [
+    *_sdss.__all__,
+    *_tables.__all__,
+    *_zarr.__all__,
+    "extinction_curve",
+    "dered",
+    "air_to_vacuum",
+    "vacuum_to_air",
+    "synthetic_spectra",
+]
+
+
+def synthetic_spectra(*args: Any, **kwargs: Any) -> xr.Dataset:
+    """Synthetic spectra for demos and tests: see :func:`sheap_dask.synthetic.synthetic_spectra`."""
+    from ..synthetic import synthetic_spectra as _synthetic
+
+    return _synthetic(*args, **kwargs)

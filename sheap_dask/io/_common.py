@@ -1,0 +1,73 @@
+"""Helpers the readers share: file lists, reader pools, units."""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import OptionError
+
+FLUX_UNITS = "1e-17 erg / (s cm2 Angstrom)"
+IVAR_UNITS = "(1e-17 erg / (s cm2 Angstrom))**-2"
+
+
+def default_jobs(n_jobs: int | None) -> int:
+    if n_jobs is None:
+        # Reading FITS files is I/O plus small numpy work that releases the GIL for the copy;
+        # the ThreadPoolExecutor default is a good fit.
+        return min(32, (os.cpu_count() or 1) + 4)
+    if not isinstance(n_jobs, (int, np.integer)) or n_jobs < 1:
+        raise OptionError(f"n_jobs must be a positive integer or None, got {n_jobs!r}")
+    return int(n_jobs)
+
+
+def expand_files(files: str | os.PathLike | Iterable[str | os.PathLike], kind: str = "SDSS spec") -> list[str]:
+    """Normalise ``files``: a path, a glob pattern, a directory, or an iterable of those.
+
+    ``kind`` names the files in messages ("SDSS spec", "DESI coadd").
+    """
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    out: list[str] = []
+    for item in files:
+        s = os.fspath(item)
+        if any(c in s for c in "*?[") and not os.path.exists(s):
+            matched = sorted(glob.glob(s))
+            if not matched:
+                raise FileNotFoundError(f"files: the pattern {s!r} matches no file")
+            out.extend(matched)
+        elif os.path.isdir(s):
+            matched = sorted(glob.glob(os.path.join(s, "*.fits")))
+            if not matched:
+                raise FileNotFoundError(f"files: the directory {s!r} holds no *.fits file")
+            out.extend(matched)
+        else:
+            out.append(s)
+    if not out:
+        raise OptionError(f"files is empty: pass one or more {kind} FITS paths")
+    for s in out:
+        if not os.path.isfile(s):
+            raise FileNotFoundError(f"{kind.split()[0]} spectrum file not found: {s!r} (argument files); check the path")
+    return out
+
+
+def colmap(columns: Sequence[str]) -> dict[str, str]:
+    return {c.lower(): c for c in columns}
+
+
+PARALLEL = ("threads", "processes")
+
+
+def make_pool(parallel: str, n_jobs: int | None) -> Executor:
+    if parallel not in PARALLEL:
+        raise OptionError(f"parallel={parallel!r}: use 'threads' (I/O-bound, default) or 'processes' (CPU-bound, many cores)")
+    n_jobs = default_jobs(n_jobs)
+    if parallel == "processes":
+        # spawn, not fork: forking a process that has started JAX or dask threads can deadlock
+        return ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"))
+    return ThreadPoolExecutor(n_jobs)
