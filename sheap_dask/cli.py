@@ -75,8 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("store")
     i.set_defaults(func=_cmd_info)
 
-    g = sub.add_parser("ingest", help="SDSS spec FITS files -> one zarr store on a common grid")
-    g.add_argument("files", nargs="+", help="SDSS spec/spec-lite FITS files (and finally the output store)")
+    g = sub.add_parser("ingest", help="SDSS spec or DESI coadd FITS files -> one zarr store on a common grid")
+    g.add_argument("files", nargs="+", help="SDSS spec/spec-lite or DESI coadd/spectra FITS files (and finally the output store)")
     g.add_argument("--chunk", type=int, default=256, help="spectra per chunk of the store")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output store")
     g.add_argument("--mask-bits", default="default", help="and_mask bits that mask a pixel: default, all, none or comma-separated names")
@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dereddening", default="ccm89", choices=["ccm89", "odonnell94", "f99"], help="extinction law (default ccm89)")
     g.add_argument("--wavelength-range", nargs=2, type=float, default=None, metavar=("MIN", "MAX"), help="keep only this observed range (Angstrom)")
     g.add_argument("--jobs", type=int, default=None, help="parallel file readers (default: CPU count)")
+    g.add_argument("--skip-bad", action="store_true", help="leave out unreadable files (listed in the store's attrs) instead of stopping")
+    g.add_argument("--resume", action="store_true", help="finish an interrupted ingestion into OUTPUT")
+    g.add_argument("--redshifts", default=None, help="DESI: redrock/zcatalog file with TARGETID, Z, ZWARN, SPECTYPE")
+    g.add_argument("--qso-only", action="store_true", help="DESI: keep only SPECTYPE QSO with ZWARN 0 (needs --redshifts)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.set_defaults(func=_cmd_ingest)
     return p
@@ -192,7 +196,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_ingest(args) -> int:
-    from .io import ingest_sdss
+    from .io import ingest_desi, ingest_sdss, is_desi_file
 
     if len(args.files) < 2:
         print("error: give one or more FITS files and then the output store", file=sys.stderr)
@@ -202,18 +206,18 @@ def _cmd_ingest(args) -> int:
     ebv = args.ebv
     if ebv is not None and ebv not in ("sfd", "sf11"):
         ebv = float(ebv)
-    ds = ingest_sdss(
-        files,
-        out,
-        chunk=args.chunk,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        mask_bits=mask_bits,
-        ebv=ebv,
-        dereddening=args.dereddening,
-        wavelength_range=tuple(args.wavelength_range) if args.wavelength_range else None,
-        n_jobs=args.jobs,
-    )
+    common = dict(chunk=args.chunk, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, ebv=ebv,
+                  dereddening=args.dereddening, n_jobs=args.jobs, skip_bad=args.skip_bad)
+    if is_desi_file(files[0]):  # DESI by its HDUs (FIBERMAP, *_FLUX), no flag needed
+        ds = ingest_desi(files, out, redshifts=args.redshifts, qso_only=args.qso_only, **common)
+    else:
+        ds = ingest_sdss(
+            files,
+            out,
+            mask_bits=mask_bits,
+            wavelength_range=tuple(args.wavelength_range) if args.wavelength_range else None,
+            **common,
+        )
     print(f"{out}: {ds.sizes.get('spectrum', 0)} spectra x {ds.sizes.get('wavelength', 0)} pixels")
     return 0
 

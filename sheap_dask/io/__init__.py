@@ -7,6 +7,9 @@ coordinate in Angstrom and per-spectrum coordinates (``redshift``, ``plate``, ``
 SDSS/BOSS/eBOSS spec files (:mod:`.sdss`)
     :func:`read_sdss_spectra` puts many spec files on the common 1e-4 log10-wavelength grid;
     :func:`ingest_sdss` streams them into a zarr store chunk by chunk.
+DESI coadd and spectra files (:mod:`.desi`)
+    :func:`read_desi_spectra` puts the B, R, Z arms on DESI's linear 0.8 A grid and matches
+    redrock/zcatalog redshifts; :func:`ingest_desi` streams them into a zarr store.
 Tables and quasar-catalogue products (:mod:`.tables`)
     :func:`read_table_spectrum` reads a (wavelength, flux, error) CSV/whitespace table;
     :func:`read_rest_frame_fits` the rest-frame spectrum of a DR16Q/DR19 ``op`` file.
@@ -26,9 +29,11 @@ from typing import Any
 import xarray as xr
 
 from ..astro import air_to_vacuum, dered, extinction_curve, vacuum_to_air
+from . import desi as _desi
 from . import sdss as _sdss
 from . import tables as _tables
 from . import zarr as _zarr
+from .desi import DESI_WAVE_MAX, DESI_WAVE_MIN, DESI_WAVE_STEP, ingest_desi, is_desi_file, read_desi_spectra
 from .sdss import (
     DEFAULT_MASK_BITS,
     LOGLAM_STEP,
@@ -42,6 +47,7 @@ from .zarr import open_spectra, write_zarr
 
 __all__ = [
     *_sdss.__all__,
+    *_desi.__all__,
     *_tables.__all__,
     *_zarr.__all__,
     "extinction_curve",

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import OptionError
+from ..errors import InputDataError, OptionError
 
 FLUX_UNITS = "1e-17 erg / (s cm2 Angstrom)"
 IVAR_UNITS = "(1e-17 erg / (s cm2 Angstrom))**-2"
@@ -71,3 +73,37 @@ def make_pool(parallel: str, n_jobs: int | None) -> Executor:
         # spawn, not fork: forking a process that has started JAX or dask threads can deadlock
         return ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("spawn"))
     return ThreadPoolExecutor(n_jobs)
+
+
+def _scan_or_error(scan: Callable[[str], dict], path: str) -> dict | InputDataError:
+    try:
+        return scan(path)
+    except (InputDataError, OSError) as exc:  # OSError: unreadable, vanished, permissions
+        return exc if isinstance(exc, InputDataError) else InputDataError(f"{path}: {exc}")
+
+
+def scan_files(
+    pool: Executor, scan: Callable[[str], dict], files: list[str], *, skip_bad: bool, chunksize: int = 1
+) -> tuple[list[int], list[dict], list[str]]:
+    """Run ``scan`` (metadata of one file) over ``files`` in ``pool``.
+
+    Returns the indices of the files that scanned, their metadata, and one ``"path: reason"``
+    line per bad file. A bad file raises its error (which names it) unless ``skip_bad``; then
+    it is left out, and a warning says how many were and names the first.
+    """
+    keep, metas, bad = [], [], []
+    guarded = functools.partial(_scan_or_error, scan) if skip_bad else scan
+    for i, meta in enumerate(pool.map(guarded, files, chunksize=chunksize)):
+        if isinstance(meta, InputDataError):
+            bad.append(str(meta))
+        else:
+            keep.append(i)
+            metas.append(meta)
+    if bad:
+        warnings.warn(
+            f"skip_bad: left out {len(bad)} of {len(files)} files that cannot be read, e.g. {bad[0]} "
+            "(all are listed in the attribute skipped_files)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return keep, metas, bad

@@ -6,6 +6,7 @@ astropy is needed only for FITS files; it is the optional extra ``sheap-dask[sds
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -15,6 +16,42 @@ import numpy as np
 from ..errors import InputDataError, MissingDependencyError
 
 FITS_INSTALL_HINT = "pip install 'sheap-dask[sdss]'"
+
+
+def open_checked(path: str, *, n_hdus: int | None = None, memmap: bool = False):
+    """Open a FITS file, read the headers of its first ``n_hdus`` HDUs (all when None) and
+    check that their data lie inside the file: a truncated file is an error that says so.
+
+    astropy alone drops the HDUs past the cut (with a warning), so a truncated file would
+    otherwise surface as a confusing "HDU missing" error, or as a short read much later.
+    (Not ``warnings.catch_warnings``: the readers run in threads, and it is process-wide.)
+    """
+    fits = fits_module()
+    try:
+        hdul = fits.open(path, memmap=memmap)
+        hdus = list(hdul) if n_hdus is None else _first_hdus(hdul, n_hdus)
+    except (OSError, ValueError, IndexError) as exc:
+        raise InputDataError(f"{path}: not a readable FITS file ({exc})") from exc
+    size = os.path.getsize(path)
+    end = max(getattr(h, "_data_offset", 0) + getattr(h, "_data_size", 0) for h in hdus)
+    # all HDUs read: bytes after the last complete one are the start of a cut-off HDU
+    if end > size or (n_hdus is None and size > end):
+        hdul.close()
+        raise InputDataError(
+            f"{path}: the file is truncated (its HDUs need {max(end, size + 2880)} bytes or more, "
+            f"the file has {size}); download it again"
+        )
+    return hdul
+
+
+def _first_hdus(hdul, n: int) -> list:
+    out = []
+    for i in range(n):  # not len(hdul): that reads every header of the file
+        try:
+            out.append(hdul[i])
+        except IndexError:
+            break
+    return out
 
 
 def fits_module():

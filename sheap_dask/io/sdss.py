@@ -30,10 +30,11 @@ from ._common import (
     default_jobs,
     expand_files,
     make_pool,
+    scan_files,
 )
-from ._fits import fits_module, table_columns, table_row
+from ._fits import fits_module, open_checked, table_columns, table_row
 from .sdss_masks import DEFAULT_MASK_BITS, SDSS_PIXMASK_BITS, _mask_names, mask_value
-from .zarr import check_chunk, ingest, lazy_dataset, reader_options, store_exists
+from .zarr import check_chunk, check_store, ingest, lazy_dataset, reader_options
 
 __all__ = [
     "SDSS_PIXMASK_BITS",
@@ -79,12 +80,7 @@ def _resolve_ebv(ebv: Any, n_files: int) -> np.ndarray | str | None:
 
 def _scan_sdss_file(path: str, ebv_mode: str | None) -> dict[str, Any]:
     """Read one spec file's metadata and its grid extent without reading the spectrum."""
-    fits = fits_module()
-    try:
-        hdul = fits.open(path, memmap=False)
-    except OSError as exc:
-        raise InputDataError(f"{path}: not a readable FITS file ({exc})") from exc
-    with hdul:
+    with open_checked(path, n_hdus=3) as hdul:
         try:
             hdul[2]
         except IndexError:
@@ -226,7 +222,7 @@ class _SdssPlan:
 
     variables = ("flux", "ivar")
 
-    def __init__(self, files, *, mask_bits, ebv, dereddening, r_v, wavelength_range, fill_value, n_jobs, pool: Executor):
+    def __init__(self, files, *, mask_bits, ebv, dereddening, r_v, wavelength_range, fill_value, n_jobs, skip_bad, pool: Executor):
         self.files = expand_files(files)
         self.mask = mask_value(mask_bits)
         self.n_jobs = default_jobs(n_jobs)
@@ -237,7 +233,14 @@ class _SdssPlan:
         ebv_spec = _resolve_ebv(ebv, len(self.files))
         ebv_mode = ebv_spec if isinstance(ebv_spec, str) else None
         scan = functools.partial(_scan_sdss_file, ebv_mode=ebv_mode)
-        self.meta = list(pool.map(scan, self.files, chunksize=self._chunksize(len(self.files))))
+        keep, self.meta, self.skipped = scan_files(
+            pool, scan, self.files, skip_bad=skip_bad, chunksize=self._chunksize(len(self.files))
+        )
+        if not keep:
+            raise InputDataError(f"none of the {len(self.files)} files is a readable SDSS spec file: {self.skipped[0]}, ...")
+        self.files = [self.files[i] for i in keep]
+        if isinstance(ebv_spec, np.ndarray):
+            ebv_spec = ebv_spec[keep]
         if ebv_spec is None:
             self.ebv = None
         elif isinstance(ebv_spec, str):
@@ -353,6 +356,8 @@ class _SdssPlan:
         if self.ebv is not None:
             attrs["dereddening"] = self.law
             attrs["dereddening_r_v"] = self.r_v
+        if self.skipped:
+            attrs["skipped_files"] = "\n".join(self.skipped)
         return attrs
 
     def dataset(self, arrays, *, spectrum_dim: str, wavelength_dim: str) -> xr.Dataset:
@@ -380,6 +385,7 @@ def read_sdss_spectra(
     fill_value: float = np.nan,
     n_jobs: int | None = None,
     parallel: str = "threads",
+    skip_bad: bool = False,
     spectrum_dim: str = "spectrum",
     wavelength_dim: str = "wavelength",
 ) -> xr.Dataset:
@@ -425,6 +431,10 @@ def read_sdss_spectra(
         header parsing holds the GIL, so on local disks with many cores ``"processes"``
         (spawned workers, ~1 s start-up) scales further. The lazy ``chunk=`` path always uses
         threads inside a chunk (dask already runs chunks in parallel).
+    skip_bad : bool
+        Leave out files that cannot be read (not FITS, truncated, not an SDSS spec file) with a
+        warning, and list them in ``attrs["skipped_files"]``; by default the first such file is
+        an error that names it.
     spectrum_dim, wavelength_dim : str
         Dimension names.
 
@@ -463,6 +473,7 @@ def read_sdss_spectra(
             wavelength_range=wavelength_range,
             fill_value=fill_value,
             n_jobs=n_jobs,
+            skip_bad=skip_bad,
             pool=pool,
         )
         if chunk is None:
@@ -477,6 +488,7 @@ def ingest_sdss(
     *,
     chunk: int = 256,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
@@ -500,13 +512,17 @@ def ingest_sdss(
         variables is ~10 MB, a good dask chunk.
     overwrite : bool
         Replace an existing store; otherwise an existing store is an error.
+    resume : bool
+        Finish an interrupted ingestion: write only the chunks not yet written into the
+        existing ``store``, after checking that it was written from the same files (paths,
+        sizes, modification times) and options (a difference is an error that names it).
     progress : bool
         Show a tqdm progress bar over chunks.
     storage_options : dict, optional
         Passed to fsspec for URL stores (credentials, endpoint...).
     **kwargs
         Any option of :func:`read_sdss_spectra`: ``mask_bits``, ``ebv``, ``dereddening``,
-        ``r_v``, ``wavelength_range``, ``fill_value``, ``n_jobs``, ``parallel``,
+        ``r_v``, ``wavelength_range``, ``fill_value``, ``n_jobs``, ``parallel``, ``skip_bad``,
         ``spectrum_dim``, ``wavelength_dim``.
 
     Returns
@@ -520,8 +536,7 @@ def ingest_sdss(
     """
     chunk = check_chunk(chunk)
     options = reader_options(read_sdss_spectra, kwargs, "ingest_sdss")
-    if store_exists(store) and not overwrite:
-        raise OptionError(f"store {os.fspath(store)!r} already exists; pass overwrite=True to replace it")
+    check_store(store, overwrite=overwrite, resume=resume)
     spectrum_dim, wavelength_dim = options.pop("spectrum_dim"), options.pop("wavelength_dim")
     with make_pool(options.pop("parallel"), options["n_jobs"]) as files_pool:
         plan = _SdssPlan(files, pool=files_pool, **options)
@@ -535,5 +550,6 @@ def ingest_sdss(
             storage_options=storage_options,
             spectrum_dim=spectrum_dim,
             wavelength_dim=wavelength_dim,
+            resume=resume,
         )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -21,7 +22,12 @@ from typing import Any, Protocol
 import numpy as np
 import xarray as xr
 
-from ..errors import InputDataError, MissingDependencyError, OptionError
+from ..errors import (
+    InputDataError,
+    MissingDependencyError,
+    OptionError,
+    ResumeMismatchError,
+)
 
 __all__ = ["open_spectra", "write_zarr"]
 
@@ -101,7 +107,17 @@ def open_spectra(path_or_url: Any, **kwargs: Any) -> xr.Dataset:
     if kwargs.get("storage_options") is None:
         kwargs.pop("storage_options", None)
     with quiet_consolidated():
-        return xr.open_zarr(path_or_url, **kwargs)
+        ds = xr.open_zarr(path_or_url, **kwargs)
+    # the ingestion's bookkeeping stays in the store; the Dataset is the spectra alone
+    if ds.attrs.pop("sheap_ingest_complete", 1) == 0:
+        warnings.warn(
+            f"{path_or_url!r} is a partial ingestion: some chunks were never written (NaN there); "
+            "run the same ingestion again with resume=True to finish it",
+            UserWarning,
+            stacklevel=2,
+        )
+    ds.attrs.pop("sheap_ingest_identity", None)
+    return ds
 
 
 @contextlib.contextmanager
@@ -199,6 +215,73 @@ def lazy_dataset(plan: BlockSource, chunk: int, *, name: str, spectrum_dim: str,
     return plan.dataset(tuple(stacked[i] for i in range(nv)), spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
 
 
+#: zarr group of an ingested store holding the per-chunk done flags (what resume reads).
+INGEST_PROGRESS = "sheap_ingest_progress"
+
+
+def check_store(store: Any, *, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an existing local store unless asked to replace it or resume into it (checked
+    before the files are scanned, so a long scan does not end in this error)."""
+    if store_exists(store) and not (overwrite or resume):
+        raise OptionError(
+            f"store {os.fspath(store)!r} already exists; pass overwrite=True to replace it "
+            "(or resume=True to finish an interrupted ingestion into it)"
+        )
+
+
+def _identity(plan: BlockSource, chunk: int) -> dict[str, Any]:
+    """What an ingestion wrote, for resume to compare: the reader's options, the files (path,
+    size, modification time), the shape and the chunking."""
+    import dask
+
+    files = getattr(plan, "files", [])
+    stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return {
+        "reader": plan.block_token(0, plan.n_spectra),
+        "files": dask.base.tokenize(stats),
+        "n_files": len(files),
+        "n_spectra": plan.n_spectra,
+        "n_wave": plan.n_wave,
+        "chunk": chunk,
+    }
+
+
+def _resume_flags(store: Any, identity: dict[str, Any], n_chunks: int, so) -> np.ndarray:
+    """The done flags of an interrupted ingestion into ``store``, after checking it is this one."""
+    import zarr
+
+    with quiet_consolidated():
+        try:
+            old = json.loads(xr.open_zarr(store, storage_options=so).attrs.get("sheap_ingest_identity", "{}"))
+            done = zarr.open_array(store, path=f"{INGEST_PROGRESS}/done", mode="r", storage_options=so)[:]
+        except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as exc:
+            raise ResumeMismatchError(
+                f"cannot resume into {store!r}: it is not a store written by an ingestion ({exc}); "
+                "pass overwrite=True to replace it"
+            ) from None
+    differences = [
+        f"{key}: store has {old.get(key)!r}, this ingestion has {value!r}"
+        for key, value in identity.items()
+        if old.get(key) != value
+    ]
+    if differences:
+        raise ResumeMismatchError(
+            f"cannot resume into {store!r}: it was written from other files or options.\n  - "
+            + "\n  - ".join(differences)
+            + "\nUse the same files and options, a new store, or overwrite=True."
+        )
+    return np.asarray(done, dtype=bool)[:n_chunks]
+
+
+def _mark_complete(store: Any, so) -> None:
+    import zarr
+
+    group = zarr.open_group(store, mode="r+", storage_options=so)
+    group.attrs["sheap_ingest_complete"] = 1
+    with quiet_consolidated():
+        zarr.consolidate_metadata(group.store)
+
+
 def ingest(
     plan: BlockSource,
     store: Any,
@@ -210,48 +293,68 @@ def ingest(
     storage_options: Mapping[str, Any] | None,
     spectrum_dim: str,
     wavelength_dim: str,
+    resume: bool = False,
 ) -> xr.Dataset:
     """Write ``plan``'s spectra into ``store`` chunk by chunk; return the opened store.
 
     The coordinates and the metadata of the variables are written first; then block ``i + 1``
     is read (in ``files_pool``) while block ``i`` is written with ``to_zarr(region=...)``, so
-    at most two blocks are in memory.
+    at most two blocks are in memory. Each written block is marked done in the store's
+    ``sheap_ingest_progress`` group; ``resume=True`` on an existing store written from the same
+    files and options writes only the blocks not yet done. ``attrs["sheap_ingest_complete"]``
+    is 0 until the last block is written.
     """
     import dask.array as da
+    import zarr
 
     n, nw = plan.n_spectra, plan.n_wave
-    lazy = da.zeros((n, nw), dtype=np.float32, chunks=(chunk, nw))
-    template = plan.dataset((lazy,) * len(plan.variables), spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
-    encoding = {v: {"chunks": (chunk, nw)} for v in plan.variables}
-    # per-spectrum coordinates chunked like the data, so the opened store has one set of
-    # chunks along spectrum (``ds.chunks`` raises on inconsistent chunks)
-    encoding.update({c: {"chunks": (chunk,)} for c, v in template.coords.items() if v.dims == (spectrum_dim,)})
-    so = dict(storage_options) if storage_options else None
-    # Coordinates (numpy) are written now; the dask-backed variables only get their metadata.
-    with quiet_consolidated():
-        template.to_zarr(store, mode="w" if overwrite else "w-", compute=False, encoding=encoding, storage_options=so)
-
+    if n == 0:
+        raise InputDataError("no spectrum to ingest: every spectrum was left out (see the warnings above)")
     starts = list(range(0, n, chunk))
+    so = dict(storage_options) if storage_options else None
+    identity = _identity(plan, chunk)
+    if resume and store_exists(store):
+        done = _resume_flags(store, identity, len(starts), so)
+    else:
+        lazy = da.zeros((n, nw), dtype=np.float32, chunks=(chunk, nw))
+        template = plan.dataset((lazy,) * len(plan.variables), spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
+        template.attrs.update(sheap_ingest_identity=json.dumps(identity), sheap_ingest_complete=0)
+        encoding = {v: {"chunks": (chunk, nw)} for v in plan.variables}
+        # per-spectrum coordinates chunked like the data, so the opened store has one set of
+        # chunks along spectrum (``ds.chunks`` raises on inconsistent chunks)
+        encoding.update({c: {"chunks": (chunk,)} for c, v in template.coords.items() if v.dims == (spectrum_dim,)})
+        # Coordinates (numpy) are written now; the dask-backed variables only get their metadata.
+        with quiet_consolidated():
+            template.to_zarr(store, mode="w" if overwrite else "w-", compute=False, encoding=encoding, storage_options=so)
+        zarr.create_array(
+            store, name=f"{INGEST_PROGRESS}/done", shape=(len(starts),), chunks=(len(starts),), dtype="int8",
+            fill_value=0, overwrite=True, storage_options=so,
+        )
+        done = np.zeros(len(starts), dtype=bool)
+    todo = [s for s, d in zip(starts, done) if not d]
+    flags = zarr.open_array(store, path=f"{INGEST_PROGRESS}/done", mode="r+", storage_options=so)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, unit="spectrum", desc="ingest")
+        bar = tqdm(total=n, initial=n - sum(min(s + chunk, n) - s for s in todo), unit="spectrum", desc="ingest")
     dims = (spectrum_dim, wavelength_dim)
     with ThreadPoolExecutor(1) as prefetch:
-        pending = prefetch.submit(plan.read_block, starts[0], min(starts[0] + chunk, n), files_pool)
-        for i, start in enumerate(starts):
+        pending = prefetch.submit(plan.read_block, todo[0], min(todo[0] + chunk, n), files_pool) if todo else None
+        for i, start in enumerate(todo):
             stop = min(start + chunk, n)
             arrays = pending.result()
-            if i + 1 < len(starts):
-                nxt = starts[i + 1]
+            if i + 1 < len(todo):
+                nxt = todo[i + 1]
                 pending = prefetch.submit(plan.read_block, nxt, min(nxt + chunk, n), files_pool)
             with quiet_consolidated():
                 xr.Dataset({v: (dims, a) for v, a in zip(plan.variables, arrays)}).to_zarr(
                     store, region={spectrum_dim: slice(start, stop)}, storage_options=so
                 )
+            flags[start // chunk] = 1  # only after the region is written: a killed write is redone
             if bar is not None:
                 bar.update(stop - start)
     if bar is not None:
         bar.close()
+    _mark_complete(store, so)
     return open_spectra(store, storage_options=so)
