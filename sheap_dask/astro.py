@@ -7,6 +7,8 @@ Galactic extinction
     :func:`extinction_curve` and :func:`dered` (CCM89, CCM89 + O'Donnell 1994, Fitzpatrick 1999).
 Air and vacuum wavelengths
     :func:`vacuum_to_air` and its exact inverse :func:`air_to_vacuum` (Morton 2000).
+Instrumental resolution
+    :func:`subtract_instrumental` removes the instrumental width from a measured line FWHM.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import numpy as np
 
 from .errors import InputDataError, OptionError
 
-__all__ = ["extinction_curve", "dered", "air_to_vacuum", "vacuum_to_air", "EXTINCTION_LAWS", "SF11_RECALIBRATION"]
+__all__ = [
+    "extinction_curve",
+    "dered",
+    "air_to_vacuum",
+    "vacuum_to_air",
+    "subtract_instrumental",
+    "EXTINCTION_LAWS",
+    "SF11_RECALIBRATION",
+]
 
 #: Extinction laws known to :func:`extinction_curve`.
 EXTINCTION_LAWS = ("ccm89", "odonnell94", "f99")
@@ -233,3 +243,35 @@ def air_to_vacuum(wavelength: Any) -> np.ndarray:
         vac = vac + (air - vacuum_to_air(vac))
     return vac
 
+
+
+def subtract_instrumental(fwhm: Any, instrumental: Any) -> Any:
+    r"""Intrinsic line FWHM from a measured one, the instrumental FWHM removed in quadrature.
+
+    :math:`\mathrm{FWHM}_\mathrm{int} = \sqrt{\mathrm{FWHM}^2 - \mathrm{FWHM}_\mathrm{inst}^2}`,
+    exact when line and line-spread function are Gaussian, and a good approximation for any
+    line much wider than the instrument. The fitted models do not convolve with the instrument,
+    so a fitted FWHM is the observed (line (x) instrument) width: for broad lines (thousands of
+    km/s) the correction is below 1%, for narrow lines (a few hundred km/s against DESI's
+    ~60-170 km/s or SDSS's ~150 km/s) it is not.
+
+    Parameters
+    ----------
+    fwhm : array_like or xarray.DataArray
+        Measured FWHM (e.g. ``fits.sheap.fwhm("oiii5007")``), km/s.
+    instrumental : array_like or xarray.DataArray
+        Instrumental FWHM at the line in the same unit (e.g.
+        :func:`sheap_dask.io.instrumental_fwhm_at`).
+
+    Returns
+    -------
+    same type as ``fwhm``
+        The intrinsic FWHM; NaN where the line is not wider than the instrument (unresolved).
+
+    Examples
+    --------
+    >>> float(subtract_instrumental(500.0, 300.0))
+    400.0
+    """
+    square = fwhm * fwhm - instrumental * instrumental
+    return np.sqrt(square.where(square > 0)) if hasattr(square, "where") else np.sqrt(np.where(square > 0, square, np.nan))

@@ -76,3 +76,7 @@ def test_air_vacuum_conversion():
     np.testing.assert_allclose(astro.air_to_vacuum([6562.80, 5006.84]), [6564.61, 5008.24], atol=0.01)
     w = np.linspace(3000, 10000, 7)
     np.testing.assert_allclose(astro.vacuum_to_air(astro.air_to_vacuum(w)), w, atol=1e-8)
+
+
+def test_subtract_instrumental_in_quadrature():
+    np.testing.assert_allclose(astro.subtract_instrumental(np.array([500.0, 300.0, 100.0]), 300.0), [400.0, np.nan, np.nan])

@@ -12,7 +12,7 @@ import xarray as xr
 from desi_files import ARM_SIGMA_PIX, GRID, STEP, arm_wave, kernel_sigma_pix, write_coadd, write_redrock
 
 import sheap_dask as sd
-from sheap_dask import cli
+from sheap_dask import astro, cli
 from sheap_dask.errors import InputDataError, OptionError, ResumeMismatchError
 
 fits = pytest.importorskip("astropy.io.fits")
@@ -293,3 +293,16 @@ def test_cli_ingest_recognises_desi_files(desi, tmp_path, capsys):
     xr.testing.assert_identical(sd.io.open_spectra(out).compute(), desi["ds"])
     assert cli.main(["ingest", *files, str(tmp_path / "qso.zarr"), "--redshifts", desi["redrock"], "--qso-only", "--no-progress"]) == 0
     shutil.rmtree(out)
+
+
+def test_narrow_line_width_correction(desi):
+    ds = desi["ds"]
+    inst = sd.io.instrumental_fwhm_at(ds, 4862.68)  # H-beta at z = 0.2: 5835 A, the R arm alone
+    expected = 2.3548200450309493 * kernel_sigma_pix(ARM_SIGMA_PIX["r"]) * STEP / (4862.68 * 1.2) * 299792.458
+    np.testing.assert_allclose(inst.values, expected, rtol=1e-4)
+    assert inst.dims == ("spectrum",) and inst.attrs["units"] == "km/s"
+    measured = xr.DataArray([500.0, 100.0], dims="spectrum")
+    corrected = astro.subtract_instrumental(measured, xr.DataArray([120.0, 120.0], dims="spectrum"))
+    np.testing.assert_allclose(corrected.values, [np.sqrt(500.0**2 - 120.0**2), np.nan])
+    with pytest.raises(InputDataError, match="inst_fwhm"):
+        sd.io.instrumental_fwhm_at(ds.drop_vars("inst_fwhm"), 5008.24)

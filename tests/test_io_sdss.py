@@ -10,7 +10,7 @@ import xarray as xr
 from sdss_data import _coadd, _manifest, fits, ingested, sdss_files  # noqa: F401 (fixtures)
 
 from sheap_dask import io as sio
-from sheap_dask.errors import InputDataError, MissingDependencyError, OptionError
+from sheap_dask.errors import InputDataError, MissingDependencyError, OptionError, ResumeMismatchError
 from sheap_dask.io import sdss_masks
 
 
@@ -169,3 +169,34 @@ def test_mask_value_options():
         sio.mask_value(["NOTABIT"])
     with pytest.raises(OptionError, match="mask_bits"):
         sio.mask_value("sometimes")
+
+
+def test_truncated_file_named_and_skip_bad(sdss_files, tmp_path):
+    good = sdss_files[0]
+    cut = tmp_path / "spec-truncated.fits"
+    data = open(good, "rb").read()
+    with fits.open(good) as h:  # cut inside the COADD table (HDU1); later HDUs are not read
+        cut_at = h[1]._data_offset + 1000
+    cut.write_bytes(data[:cut_at])
+    with pytest.raises(InputDataError, match="spec-truncated.fits: the file is truncated"):
+        sio.read_sdss_spectra([good, cut])
+    junk = tmp_path / "junk.fits"
+    junk.write_text("not a fits file at all")
+    with pytest.warns(UserWarning, match="left out 2 of 3 files"):
+        ds = sio.read_sdss_spectra([good, cut, junk], skip_bad=True)
+    xr.testing.assert_identical(ds.drop_attrs(), sio.read_sdss_spectra([good]).drop_attrs())
+    assert "spec-truncated.fits" in ds.attrs["skipped_files"] and "junk.fits" in ds.attrs["skipped_files"]
+
+
+def test_ingest_resume_writes_only_missing_chunks(sdss_files, tmp_path):
+    import zarr
+
+    store = tmp_path / "resume.zarr"
+    full = sio.ingest_sdss(sdss_files[:6], store, chunk=2).compute()
+    group = zarr.open_group(str(store), mode="r+")
+    group["sheap_ingest_progress/done"][:] = np.array([1, 1, 0], dtype="int8")
+    group["flux"][4:, :] = 0.0
+    resumed = sio.ingest_sdss(sdss_files[:6], store, chunk=2, resume=True)
+    xr.testing.assert_identical(resumed.compute(), full)
+    with pytest.raises(ResumeMismatchError, match="n_files: store has 6"):
+        sio.ingest_sdss(sdss_files[:5], store, chunk=2, resume=True)

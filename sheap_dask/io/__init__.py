@@ -33,7 +33,15 @@ from . import desi as _desi
 from . import sdss as _sdss
 from . import tables as _tables
 from . import zarr as _zarr
-from .desi import DESI_WAVE_MAX, DESI_WAVE_MIN, DESI_WAVE_STEP, ingest_desi, is_desi_file, read_desi_spectra
+from .desi import (
+    DESI_WAVE_MAX,
+    DESI_WAVE_MIN,
+    DESI_WAVE_STEP,
+    ingest_desi,
+    instrumental_fwhm_at,
+    is_desi_file,
+    read_desi_spectra,
+)
 from .sdss import (
     DEFAULT_MASK_BITS,
     LOGLAM_STEP,

@@ -36,15 +36,22 @@ from ._common import (
     IVAR_UNITS,
     default_jobs,
     expand_files,
-    make_pool,
     scan_files,
 )
 from ._fits import open_checked
 from .desi_arms import DESI_WAVE_MAX, DESI_WAVE_MIN, DESI_WAVE_STEP, arm_map, read_rows
 from .desi_redshifts import match_redshifts
-from .zarr import check_chunk, check_store, ingest, lazy_dataset, reader_options
+from .zarr import ingest_files, read_files
 
-__all__ = ["DESI_WAVE_MIN", "DESI_WAVE_MAX", "DESI_WAVE_STEP", "read_desi_spectra", "ingest_desi", "is_desi_file"]
+__all__ = [
+    "DESI_WAVE_MIN",
+    "DESI_WAVE_MAX",
+    "DESI_WAVE_STEP",
+    "read_desi_spectra",
+    "ingest_desi",
+    "is_desi_file",
+    "instrumental_fwhm_at",
+]
 
 # FIBERMAP column -> (coordinate, kind, attrs); the first present column of a coordinate wins
 # (COADD_FIBERSTATUS in coadds, FIBERSTATUS in spectra files).
@@ -208,6 +215,8 @@ class _DesiPlan:
         self.coord_values["filename"] = np.concatenate([np.full(m["n"], m["filename"], dtype=object) for m in metas])
         self.fibermap_ebv = np.concatenate([m["ebv"] if m["ebv"] is not None else np.full(m["n"], np.nan) for m in metas])
         self.redshift_note = "none given"
+        if missing_redshift not in ("keep", "drop", "raise"):
+            raise OptionError(f"missing_redshift={missing_redshift!r}: use 'keep', 'drop' or 'raise'")
         keep = np.ones(file_of.size, dtype=bool)
         if redshifts is not None:
             z_coords, keep, self.redshift_note = match_redshifts(
@@ -424,31 +433,8 @@ def read_desi_spectra(
     --------
     >>> ds = read_desi_spectra("coadd-main-dark-*.fits", redshifts="zpix-main-dark.fits", qso_only=True)  # doctest: +SKIP
     """
-    if chunk is not None:
-        chunk = check_chunk(chunk)
-    if missing_redshift not in ("keep", "drop", "raise"):
-        raise OptionError(f"missing_redshift={missing_redshift!r}: use 'keep', 'drop' or 'raise'")
-    with make_pool(parallel, n_jobs) as pool:
-        plan = _DesiPlan(
-            files,
-            redshifts=redshifts,
-            qso_only=qso_only,
-            missing_redshift=missing_redshift,
-            resolution=resolution,
-            ebv=ebv,
-            dereddening=dereddening,
-            r_v=r_v,
-            fill_value=fill_value,
-            n_jobs=n_jobs,
-            skip_bad=skip_bad,
-            pool=pool,
-        )
-        if plan.n_spectra == 0:
-            raise InputDataError("no spectrum left to read: every spectrum was left out (see the warnings)")
-        if chunk is None:
-            arrays = plan.read_block(0, plan.n_spectra, pool)
-            return plan.dataset(arrays, spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
-    return lazy_dataset(plan, chunk, name="read-desi", spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
+    options = {k: v for k, v in locals().items() if k != "files"}  # the signature is the one list
+    return read_files(_DesiPlan, files, name="read-desi", **options)
 
 
 def ingest_desi(
@@ -492,23 +478,35 @@ def ingest_desi(
     --------
     >>> ds = ingest_desi("healpix/*/coadd-*.fits", "desi.zarr", redshifts="zpix-main-dark.fits")  # doctest: +SKIP
     """
-    chunk = check_chunk(chunk)
-    options = reader_options(read_desi_spectra, kwargs, "ingest_desi")
-    if options["missing_redshift"] not in ("keep", "drop", "raise"):
-        raise OptionError(f"missing_redshift={options['missing_redshift']!r}: use 'keep', 'drop' or 'raise'")
-    check_store(store, overwrite=overwrite, resume=resume)
-    spectrum_dim, wavelength_dim = options.pop("spectrum_dim"), options.pop("wavelength_dim")
-    with make_pool(options.pop("parallel"), options["n_jobs"]) as files_pool:
-        plan = _DesiPlan(files, pool=files_pool, **options)
-        return ingest(
-            plan,
-            store,
-            files_pool,
-            chunk=chunk,
-            overwrite=overwrite,
-            progress=progress,
-            storage_options=storage_options,
-            spectrum_dim=spectrum_dim,
-            wavelength_dim=wavelength_dim,
-            resume=resume,
+    return ingest_files(
+        _DesiPlan, read_desi_spectra, files, store, chunk=chunk, overwrite=overwrite, resume=resume, progress=progress,
+        storage_options=storage_options, options=kwargs,
+    )
+
+
+def instrumental_fwhm_at(
+    spectra: xr.Dataset, rest_wavelength: float, *, redshift: str = "redshift", wavelength_dim: str = "wavelength"
+) -> xr.DataArray:
+    """Each spectrum's instrumental FWHM (km/s) at a rest-frame wavelength, from ``inst_fwhm``.
+
+    The observed wavelength is ``rest_wavelength * (1 + redshift)`` (the ``redshift``
+    coordinate; rest frame without it); ``inst_fwhm`` is interpolated there. Pass the result
+    with a fitted narrow-line FWHM to :func:`sheap_dask.astro.subtract_instrumental`.
+
+    Examples
+    --------
+    >>> inst = instrumental_fwhm_at(spectra, 5008.24)  # doctest: +SKIP
+    >>> from sheap_dask.astro import subtract_instrumental
+    >>> subtract_instrumental(fits.sheap.fwhm("oiii5007"), inst)  # doctest: +SKIP
+    """
+    if "inst_fwhm" not in spectra:
+        raise InputDataError(
+            "spectra has no inst_fwhm variable: read DESI files with read_desi_spectra/ingest_desi (resolution=True)"
         )
+    inst = spectra["inst_fwhm"]
+    spectrum_dim = next(d for d in inst.dims if d != wavelength_dim)
+    z = np.asarray(spectra[redshift], dtype=np.float64) if redshift in spectra.coords else 0.0
+    observed = xr.DataArray(float(rest_wavelength) * (1.0 + z) * np.ones(inst.sizes[spectrum_dim]), dims=spectrum_dim)
+    out = inst.interp({wavelength_dim: observed}).drop_vars(wavelength_dim)
+    out.attrs = {"units": "km/s", "long_name": f"instrumental FWHM at rest {rest_wavelength:g} A"}
+    return out

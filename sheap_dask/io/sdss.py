@@ -29,12 +29,11 @@ from ._common import (
     colmap,
     default_jobs,
     expand_files,
-    make_pool,
     scan_files,
 )
 from ._fits import fits_module, open_checked, table_columns, table_row
 from .sdss_masks import DEFAULT_MASK_BITS, SDSS_PIXMASK_BITS, _mask_names, mask_value
-from .zarr import check_chunk, check_store, ingest, lazy_dataset, reader_options
+from .zarr import ingest_files, read_files
 
 __all__ = [
     "SDSS_PIXMASK_BITS",
@@ -460,26 +459,8 @@ def read_sdss_spectra(
     >>> ds = read_sdss_spectra("spectra/*.fits", chunk=256)  # doctest: +SKIP
     >>> ds.flux.where(ds.ivar > 0).sel(wavelength=slice(4000, 7000))  # doctest: +SKIP
     """
-    if chunk is not None:
-        chunk = check_chunk(chunk)
-    # one pool for the metadata scan and (eager reads) the spectra: spawning is not free
-    with make_pool(parallel, n_jobs) as pool:
-        plan = _SdssPlan(
-            files,
-            mask_bits=mask_bits,
-            ebv=ebv,
-            dereddening=dereddening,
-            r_v=r_v,
-            wavelength_range=wavelength_range,
-            fill_value=fill_value,
-            n_jobs=n_jobs,
-            skip_bad=skip_bad,
-            pool=pool,
-        )
-        if chunk is None:
-            arrays = plan.read_block(0, plan.n_spectra, pool)
-            return plan.dataset(arrays, spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
-    return lazy_dataset(plan, chunk, name="read-sdss", spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
+    options = {k: v for k, v in locals().items() if k != "files"}  # the signature is the one list
+    return read_files(_SdssPlan, files, name="read-sdss", **options)
 
 
 def ingest_sdss(
@@ -534,22 +515,7 @@ def ingest_sdss(
     --------
     >>> ds = ingest_sdss("spectra/spec-*.fits", "sdss.zarr", chunk=512)  # doctest: +SKIP
     """
-    chunk = check_chunk(chunk)
-    options = reader_options(read_sdss_spectra, kwargs, "ingest_sdss")
-    check_store(store, overwrite=overwrite, resume=resume)
-    spectrum_dim, wavelength_dim = options.pop("spectrum_dim"), options.pop("wavelength_dim")
-    with make_pool(options.pop("parallel"), options["n_jobs"]) as files_pool:
-        plan = _SdssPlan(files, pool=files_pool, **options)
-        return ingest(
-            plan,
-            store,
-            files_pool,
-            chunk=chunk,
-            overwrite=overwrite,
-            progress=progress,
-            storage_options=storage_options,
-            spectrum_dim=spectrum_dim,
-            wavelength_dim=wavelength_dim,
-            resume=resume,
-        )
-
+    return ingest_files(
+        _SdssPlan, read_sdss_spectra, files, store, chunk=chunk, overwrite=overwrite, resume=resume, progress=progress,
+        storage_options=storage_options, options=kwargs,
+    )

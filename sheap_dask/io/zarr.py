@@ -22,12 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 import xarray as xr
 
-from ..errors import (
-    InputDataError,
-    MissingDependencyError,
-    OptionError,
-    ResumeMismatchError,
-)
+from ..errors import InputDataError, MissingDependencyError, OptionError, ResumeMismatchError
+from ._common import make_pool
 
 __all__ = ["open_spectra", "write_zarr"]
 
@@ -358,3 +354,54 @@ def ingest(
         bar.close()
     _mark_complete(store, so)
     return open_spectra(store, storage_options=so)
+
+
+def read_files(plan_class: Any, files: Any, *, name: str, chunk: int | None, parallel: str, spectrum_dim: str, wavelength_dim: str, **options: Any) -> xr.Dataset:
+    """What every ``read_*_spectra`` does: plan the read of ``files`` (``plan_class`` scans them
+    in one pool, spawned once), then read every spectrum now (``chunk=None``) or return a lazy
+    Dataset of ``chunk``-spectra blocks."""
+    if chunk is not None:
+        chunk = check_chunk(chunk)
+    with make_pool(parallel, options["n_jobs"]) as pool:
+        plan = plan_class(files, pool=pool, **options)
+        if plan.n_spectra == 0:
+            raise InputDataError("no spectrum left to read: every spectrum was left out (see the warnings)")
+        if chunk is None:
+            return plan.dataset(plan.read_block(0, plan.n_spectra, pool), spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
+    return lazy_dataset(plan, chunk, name=name, spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
+
+
+def ingest_files(
+    plan_class: Any,
+    reader: Any,
+    files: Any,
+    store: Any,
+    *,
+    chunk: int,
+    overwrite: bool,
+    resume: bool,
+    progress: bool,
+    storage_options: Mapping[str, Any] | None,
+    options: Mapping[str, Any],
+) -> xr.Dataset:
+    """What every ``ingest_*`` does: check the options against ``reader``'s and the store, plan,
+    and stream the plan into ``store`` with :func:`ingest`."""
+    chunk = check_chunk(chunk)
+    caller = reader.__name__.replace("read_", "ingest_").replace("_spectra", "")  # read_sdss_spectra -> ingest_sdss
+    options = reader_options(reader, options, caller)
+    check_store(store, overwrite=overwrite, resume=resume)
+    spectrum_dim, wavelength_dim = options.pop("spectrum_dim"), options.pop("wavelength_dim")
+    with make_pool(options.pop("parallel"), options["n_jobs"]) as files_pool:
+        plan = plan_class(files, pool=files_pool, **options)
+        return ingest(
+            plan,
+            store,
+            files_pool,
+            chunk=chunk,
+            overwrite=overwrite,
+            progress=progress,
+            storage_options=storage_options,
+            spectrum_dim=spectrum_dim,
+            wavelength_dim=wavelength_dim,
+            resume=resume,
+        )
