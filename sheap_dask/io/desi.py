@@ -186,15 +186,15 @@ class _DesiPlan:
         self.files = [self.files[i] for i in keep]
         self.wavelength = DESI_WAVE_MIN + DESI_WAVE_STEP * np.arange(int(round((DESI_WAVE_MAX - DESI_WAVE_MIN) / DESI_WAVE_STEP)) + 1)
         self.n_wave = self.wavelength.size
-        maps: dict[bytes, Any] = {}  # arm grids repeat across files: one map each
+        maps: dict[bytes, tuple] = {}  # arm grids repeat across files: one grid and map each
         self.arms = []
         for meta in metas:
             arms = {}
             for arm, info in meta.pop("arms").items():
                 key = info["wave"].tobytes()
                 if key not in maps:
-                    maps[key] = arm_map(info["wave"], self.wavelength)
-                arms[arm] = {**info, "map": maps[key]}
+                    maps[key] = (info["wave"], arm_map(info["wave"], self.wavelength))
+                arms[arm] = {**info, "wave": maps[key][0], "map": maps[key][1]}
             self.arms.append(arms)
         self.units = sorted({a["unit"] for arms in self.arms for a in arms.values()})
         self._select(metas, redshifts, qso_only, missing_redshift)
