@@ -30,17 +30,18 @@ import xarray as xr
 from _common import parse_args, emit, local_cluster, machine, plain_processes_seconds, reference_store, timed
 
 import sheap_dask as sd
-from sheap_dask.chunk import ChunkOptions, _batched_solve, _get_compiled
+from sheap_dask.chunk import ChunkOptions
+from sheap_dask.compiled import get_compiled
 
 
 def bare_seconds(store: Path, model, chunk: int) -> tuple[float, float]:
     """(seconds of the bare batched solves over all chunks, seconds of the first call)."""
     ds = xr.open_zarr(store).compute()
     options = ChunkOptions().resolved()
-    compiled = _get_compiled(model, options)
+    compiled = get_compiled(model, options)
     dtype = np.dtype(options.dtype)
-    wl = ds.wavelength.values
-    constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
+    wl = ds.wavelength.values.astype(dtype)
+    constraints = np.broadcast_to(np.stack([compiled.lower, compiled.upper], axis=-1), (chunk, compiled.n_params, 2))
     batches = []
     for a in range(0, ds.sizes["spectrum"], chunk):
         flux = ds.flux.values[a : a + chunk].astype(np.float64)
@@ -55,11 +56,11 @@ def bare_seconds(store: Path, model, chunk: int) -> tuple[float, float]:
     with jax.enable_x64(options.dtype == "float64"):
         t0 = time.perf_counter()
         start, flux, err, n_good = batches[0]
-        _batched_solve(compiled, start, flux, wl, err, constraints, dtype, options, n_active=n_good)
+        compiled.minimizer.run(start.astype(dtype), flux.astype(dtype), wl, err.astype(dtype), constraints, n_active=n_good)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
         for start, flux, err, n_good in batches:  # the padding is not solved, as in fit_chunk
-            _batched_solve(compiled, start, flux, wl, err, constraints, dtype, options, n_active=n_good)
+            compiled.minimizer.run(start.astype(dtype), flux.astype(dtype), wl, err.astype(dtype), constraints, n_active=n_good)
         return time.perf_counter() - t0, first
 
 

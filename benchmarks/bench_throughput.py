@@ -61,9 +61,8 @@ def run_curvefit(store, model, client):
     with dask.config.set(scheduler=client.get):
         res = da.curvefit(coords=["wavelength", "w"], func=fcw, param_names=free, p0=p0, bounds=bounds, errors="ignore")
         coeffs = res.curvefit_coefficients.compute()
-    from sheap_dask.chunk import expand_free
 
-    return expand_free(params, coeffs.values, params.values)
+    return params.expand_free(coeffs.values, params.values)
 
 
 def main() -> None:

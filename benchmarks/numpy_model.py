@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 
-from sheap_dask.chunk import _embedding, expand_free
 
 C_KMS = 299792.458
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -27,8 +26,8 @@ def numpy_model(model):
     """``f(wavelength, free_params) -> flux`` in numpy; ties and fixed values applied."""
     params = model.params
     names = list(params.names)
-    embed, _ = _embedding(params)
-    base = expand_free(params, np.zeros(params.n_free), params.values)
+    embed, _ = params.embedding()
+    base = params.expand_free(np.zeros(params.n_free), params.values)
     parts = []
     for comp in model.component_objects.values():
         idx = [names.index(n) for n in comp.param_names]

@@ -8,7 +8,10 @@ from __future__ import annotations
 import importlib
 
 from . import accessor  # noqa: F401  (registers the ds.sheap accessor; imports only xarray)
+from . import config as _config  # registers the defaults with dask.config
 from ._version import __version__
+
+_config.warn_unknown_keys()
 
 # public name -> submodule that defines it
 _LAZY = {
@@ -20,11 +23,14 @@ _LAZY = {
     "FitResult": "slsqp",
     "Model": "model",
     "Status": "status",
+    "Quality": "quality",
+    "find_model": "model",
     "fit_chunk": "chunk",
     "fit_dataset": "fit",
     "start_local_cluster": "fit",
 }
-_SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status", "model", "cli", "synthetic", "lm"}
+_SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status",
+               "model", "cli", "synthetic", "lm", "astro", "identity", "options", "compiled", "quality"}
 
 __all__ = ["__version__", *_LAZY, "models", "io"]
 

@@ -13,7 +13,7 @@ and, optionally, where its input spectra live::
     fits.sheap.bh_mass("vp06_hbeta")           # log10 M_BH / M_sun
 
 Finding the model: ``use(model=...)``, else the registry of models by fingerprint
-(:func:`register_model`, called by ``fit_dataset``), else the built-in region named in
+(any live model of this process with the identity stored in the attrs), else the built-in region named in
 ``attrs["sheap_region"]`` is rebuilt. Finding the spectra: a ``spectra=`` argument, else
 ``use(spectra=...)``, else ``xr.open_zarr(attrs["sheap_input"])``.
 
@@ -28,6 +28,7 @@ The accessor keeps what ``use`` links only for this Dataset object: a new object
 
 from __future__ import annotations
 
+import collections
 import json
 import warnings
 from collections.abc import Sequence
@@ -37,30 +38,35 @@ import numpy as np
 import xarray as xr
 
 from .errors import InputDataError, MissingDependencyError, ModelError, OptionError
+from .identity import LRUCache
+from .model import find_model
 from .status import Status
 
 __all__ = ["SheapAccessor", "register_model", "registered_model"]
 
-#: fingerprint -> Model, filled by ``fit_dataset`` and by :func:`register_model`
-_REGISTRY: dict[str, Any] = {}
+#: Strong references to registered models: a model alive in the process is found by
+#: identity (``sheap_dask.model.find_model``); registering keeps it alive (bounded).
+_REGISTERED: collections.deque = collections.deque(maxlen=64)
 
 
 def register_model(model):
-    """Remember ``model`` so fit results made with it find it by fingerprint; returns it.
+    """Keep ``model`` alive so fit results made with it find it by identity; returns it.
 
-    ``sd.fit_dataset`` calls this for every model it fits, so in the session that ran the
-    fit ``fits.sheap`` works without ``use(model=...)``. Call it yourself after restarting
-    Python, for a custom model, before exploring results read back from zarr.
+    Any :class:`~sheap_dask.Model` alive in this process is found by the identity stored in a
+    result's attrs, so in the session that ran a fit ``fits.sheap`` works without
+    ``use(model=...)``. In a new session, rebuild your model (same code, same arguments: same
+    identity) and it is found again; built-in regions are rebuilt from the result's attrs.
     """
-    if not hasattr(model, "fingerprint") or not hasattr(model, "components"):
+    if not hasattr(model, "identity") or not hasattr(model, "components"):
         raise ModelError(f"register_model expects a sheap_dask.Model, got {type(model).__name__}.")
-    _REGISTRY[model.fingerprint()] = model
+    if model not in _REGISTERED:
+        _REGISTERED.append(model)
     return model
 
 
 def registered_model(fingerprint: str):
-    """The registered model with this fingerprint, or ``None``."""
-    return _REGISTRY.get(fingerprint)
+    """The live model with this fingerprint (or full identity), or ``None``."""
+    return find_model(fingerprint)
 
 
 def _dask_aware_chunks(da: xr.DataArray, dim: str):
@@ -145,8 +151,8 @@ class SheapAccessor:
         if self._model is not None:
             return self._model
         names = self._param_names
-        fp = self._ds.attrs.get("sheap_model_fingerprint")
-        model = _REGISTRY.get(fp) if fp else None
+        fp = self._ds.attrs.get("sheap_model_identity") or self._ds.attrs.get("sheap_model_fingerprint")
+        model = find_model(fp, names) if fp else None
         if model is not None and list(model.param_names) == names:
             self._model = model
             return model
@@ -539,8 +545,7 @@ class SheapAccessor:
         """
         from .models import derived
 
-        H0 = derived.DEFAULT_H0 if H0 is None else float(H0)
-        Om0 = derived.DEFAULT_OM0 if Om0 is None else float(Om0)
+        H0, Om0 = derived.cosmology(H0, Om0)
         model = self.get_model()
         derived.continuum_names(model, continuum)
         unit = self._flux_unit_for(flux_unit)
@@ -580,8 +585,7 @@ class SheapAccessor:
         """Line luminosity ``4π d_L² × flux`` (erg/s) of a line's summed profile. As :meth:`luminosity`."""
         from .models import derived
 
-        H0 = derived.DEFAULT_H0 if H0 is None else float(H0)
-        Om0 = derived.DEFAULT_OM0 if Om0 is None else float(Om0)
+        H0, Om0 = derived.cosmology(H0, Om0)
         model = self.get_model()
         derived.line_info(model, line)
         unit = self._flux_unit_for(flux_unit)
@@ -624,8 +628,7 @@ class SheapAccessor:
         if recipe not in derived.RECIPES:
             raise OptionError(f"unknown black-hole mass recipe {recipe!r}; use one of {', '.join(derived.RECIPES)}.")
         r = derived.RECIPES[recipe]
-        H0 = derived.DEFAULT_H0 if H0 is None else float(H0)
-        Om0 = derived.DEFAULT_OM0 if Om0 is None else float(Om0)
+        H0, Om0 = derived.cosmology(H0, Om0)
         model = self.get_model()
         derived.line_info(model, r.line)
         if r.luminosity == "continuum":
@@ -1033,15 +1036,15 @@ def _flux_unit_value(flux_unit) -> float:
     return value
 
 
-_EVALUATORS: dict = {}
+_EVALUATORS = LRUCache(16)
 
 
 def _evaluator(model, names: tuple[str, ...] | None):
     """Jitted ``f(rest_wavelength (n, n_pix), params (n, n_params))`` -> model or stacked components."""
-    key = (id(model), names)
-    hit = _EVALUATORS.get(key)
-    if hit is not None and hit[0] is model:
-        return hit[1]
+    return _EVALUATORS.get_or_build((model.identity(), names), lambda: _build_evaluator(model, names))[0]
+
+
+def _build_evaluator(model, names: tuple[str, ...] | None):
     import jax
     import jax.numpy as jnp
 
@@ -1059,7 +1062,4 @@ def _evaluator(model, names: tuple[str, ...] | None):
         params = jnp.asarray(params)
         return jitted(jnp.asarray(rest, dtype=params.dtype), params)
 
-    if len(_EVALUATORS) > 64:
-        _EVALUATORS.clear()
-    _EVALUATORS[key] = (model, run)
     return run

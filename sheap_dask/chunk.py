@@ -4,43 +4,43 @@ Everything a Dask worker does for one chunk lives here, so it is testable withou
 
 1. put spectra in the rest frame (``redshift``) and build the pixel mask (non-finite flux,
    ``ivar <= 0``, outside the model's window);
-2. screen spectra: too few usable pixels -> status ``no_data``, never sent to the solver
-   (one all-NaN spectrum in a vmapped batch slows the whole batch down);
-3. one jit(vmap) :class:`~sheap_dask.minimizer.Minimizer` call over the chunk, padded to a
-   common batch size so chunks of one dataset share one compiled program;
-4. re-fit spectra that failed (non-finite, unconverged, or reduced chi-square far above the
-   chunk's median) one by one with :class:`~sheap_dask.slsqp.SLSQP`, keeping the better fit;
-5. chi-square, degrees of freedom and parameter errors from the covariance at the optimum.
+2. screen spectra: too few usable pixels, or a window covered less than
+   ``sheap_dask.coverage.min`` -> status ``no_data``, never sent to the solver (one all-NaN
+   spectrum in a vmapped batch slows the whole batch down);
+3. scale each spectrum to order unity (a robust statistic of its flux and errors) and the
+   model's flux parameters with it, so results never depend on the flux unit;
+4. one compiled, batched solve of the chunk (:class:`~sheap_dask.minimizer.Minimizer`),
+   padded to a common batch size so every chunk reuses one program;
+5. batched restarts of fits stuck at a bound or with an outlying chi-square, keeping the
+   lowest objective;
+6. absorber rejection: pixels far below the model (narrow absorption, sky residuals) are
+   masked and the affected spectra re-solved, batched;
+7. the SLSQP fallback, one spectrum at a time, for what is still failed or an outlier: it
+   minimises the same objective and replaces the batch fit only where that is lower;
+8. chi-square, degrees of freedom, parameter errors from the covariance, quality flags;
+   parameters and errors scaled back to the input's unit.
 
-Compiled programs are cached per process, keyed by the model's fingerprint, the options and
-the shapes: a worker compiles once and reuses the program for every later chunk.
+Compiled programs are cached per process (:mod:`sheap_dask.compiled`): a worker compiles once
+and reuses the programs for every later chunk.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import threading
 import time
 import warnings
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
-from . import config
-from .errors import InputDataError, OptionError
+from .compiled import _STATS, compile_stats, get_compiled
+from .errors import InputDataError
+from .options import ChunkOptions, check_penalty
+from .quality import Quality
 from .status import Status
 
 logger = logging.getLogger("sheap_dask.chunk")
 
-__all__ = ["ChunkOptions", "fit_chunk", "compile_stats", "RESULT_VARIABLES"]
-
-METHODS = ("lm", "adam", "lbfgs")
-FALLBACKS = ("slsqp", "none")
-LOSS_KINDS = ("logcosh", "chi2")
-ERROR_SCALES = ("absolute", "redchi2")
+__all__ = ["ChunkOptions", "fit_chunk", "compile_stats", "RESULT_VARIABLES", "result_variables"]
 
 # name -> (dims beyond "spectrum", numpy dtype); the Dataset layer builds its outputs from this.
 RESULT_VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -53,345 +53,21 @@ RESULT_VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "status": ((), "int8"),
     "method": ((), "<U8"),
     "n_iter": ((), "int32"),
+    "quality": ((), "int32"),
+    "at_bound": (("param",), "bool"),
+    "n_masked": ((), "int32"),
+    "flux_scale": ((), "float64"),
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkOptions:
-    """Every option of the chunk layer; ``None`` fields are filled from ``dask.config``.
-
-    Frozen and hashable: it is part of the compile-cache key and is stored in result attrs.
-    See ``sheap_dask.yaml`` for the meaning and default of each field.
-    """
-
-    method: str | None = None
-    num_steps: int | None = None
-    learning_rate: float | None = None
-    lbfgs_options: tuple = ()
-    loss_kind: str | None = None
-    robust_scale: float | None = None
-    weighted: bool | None = None
-    penalty_weight: float | None = None
-    curvature_weight: float | None = None
-    smoothness_weight: float | None = None
-    max_weight: float | None = None
-    rtol: float | None = None
-    gtol: float | None = None
-    fallback: str | None = None
-    fallback_tol: float | None = None
-    fallback_maxiter: int | None = None
-    fallback_redchi2_sigma: float | None = None
-    pinned_fraction: float | None = None
-    error_scale: str | None = None
-    min_extra_pixels: int | None = None
-    return_history: bool | None = None
-    dtype: str | None = None
-    stage_iter: int | None = None
-    slots: int | None = None
-    restarts: bool | None = None
-    redchi2_sigma: float | None = None
-    pinned_tolerance: float | None = None
-
-    _CONFIG_KEYS = {
-        "method": "fit.method",
-        "learning_rate": "fit.learning_rate",
-        "loss_kind": "loss.kind",
-        "robust_scale": "loss.robust_scale",
-        "weighted": "loss.weighted",
-        "penalty_weight": "loss.penalty_weight",
-        "curvature_weight": "loss.curvature_weight",
-        "smoothness_weight": "loss.smoothness_weight",
-        "max_weight": "loss.max_weight",
-        "rtol": "convergence.rtol",
-        "gtol": "convergence.gtol",
-        "fallback": "fallback.method",
-        "fallback_tol": "fallback.tol",
-        "fallback_maxiter": "fallback.maxiter",
-        "fallback_redchi2_sigma": "fallback.redchi2_sigma",
-        "pinned_fraction": "fallback.pinned_fraction",
-        "error_scale": "errors.scale",
-        "min_extra_pixels": "screen.min_extra_pixels",
-        "return_history": "fit.return_history",
-        "dtype": "fit.dtype",
-        "stage_iter": "fit.lm_stage_iter",
-        "slots": "fit.lm_slots",
-        "restarts": "fit.lm_restarts",
-        "redchi2_sigma": "fit.restart_redchi2_sigma",
-        "pinned_tolerance": "fit.restart_pinned_tolerance",
-    }
-
-    def resolved(self) -> ChunkOptions:
-        """A copy with every ``None`` replaced by its configured default, validated."""
-        values = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if value is None and field.name in self._CONFIG_KEYS:
-                value = config.get(self._CONFIG_KEYS[field.name])
-            values[field.name] = value
-        method = values["method"]
-        if values["num_steps"] is None:
-            values["num_steps"] = config.get("fit.lm_max_iter") if method == "lm" else config.get("fit.num_steps")
-        if isinstance(values["lbfgs_options"], Mapping):
-            values["lbfgs_options"] = tuple(sorted(values["lbfgs_options"].items()))
-        if values["fallback"] is None or values["fallback"] is False:
-            values["fallback"] = "none"
-        out = ChunkOptions(**values)
-        out.validate()
-        return out
-
-    def validate(self) -> None:
-        _check_choice("method", self.method, METHODS)
-        _check_choice("fallback", self.fallback, FALLBACKS)
-        _check_choice("loss_kind", self.loss_kind, LOSS_KINDS)
-        _check_choice("error_scale", self.error_scale, ERROR_SCALES)
-        _check_choice("dtype", self.dtype, ("float32", "float64"))
-        if not (isinstance(self.num_steps, (int, np.integer)) and self.num_steps > 0):
-            raise OptionError(f"num_steps={self.num_steps!r} must be a positive integer, e.g. num_steps=1000.")
-        if self.learning_rate is not None and not (float(self.learning_rate) > 0):
-            raise OptionError(f"learning_rate={self.learning_rate!r} must be > 0 (or None for the default 1e-2).")
-        if not float(self.robust_scale) > 0:
-            raise OptionError(f"robust_scale={self.robust_scale!r} must be > 0 (in units of sigma, e.g. 3).")
-        if isinstance(self.slots, bool) or not (isinstance(self.slots, (int, np.integer)) and self.slots >= 0):
-            raise OptionError(f"slots={self.slots!r} (sheap_dask.fit.lm_slots) must be an int >= 0, e.g. 12 (0: one vmapped loop per chunk).")
-
-    def to_dict(self) -> dict:
-        """JSON-serializable options (stored in result attrs and compared on resume)."""
-        d = dataclasses.asdict(self)
-        d["lbfgs_options"] = dict(self.lbfgs_options)
-        return d
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+def result_variables(options: ChunkOptions) -> dict[str, tuple[tuple[str, ...], str]]:
+    """The variables :func:`fit_chunk` returns with these options (``loss_history`` on demand)."""
+    out = dict(RESULT_VARIABLES)
+    if options.return_history:
+        out["loss_history"] = (("step",), "float64")
+    return out
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise OptionError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}; pick one of those.")
-
-
-# --------------------------------------------------------------------------------------
-# Per-process cache of compiled programs: one entry per (model, options).
-# --------------------------------------------------------------------------------------
-_CACHE: dict[tuple, _CompiledModel] = {}
-_CACHE_LOCK = threading.Lock()
-_STATS = {"solver_builds": 0, "traces": 0, "chunks": 0, "compiling_chunks": 0, "compiling_seconds": 0.0, "warm_seconds": 0.0}
-
-
-def compile_stats() -> dict:
-    """Compile and timing counters of this process (for tests and benchmarks).
-
-    ``traces`` counts JAX traces of the batched solves and the post-processing (it stays
-    constant once every shape of a fit has been compiled); ``compiling_chunks`` counts the
-    chunks during which something was compiled and ``compiling_seconds`` their wall time,
-    ``warm_seconds`` the wall time of the other chunks.
-    """
-    stats = dict(_STATS)
-    stats["traces"] += sum(c.minimizer.n_compilations + (c.straggler_minimizer.n_compilations if c.straggler_minimizer else 0) for c in _CACHE.values())
-    return stats
-
-
-class _CompiledModel:
-    """The jitted programs of one (model, options) pair, reused for every chunk."""
-
-    def __init__(self, model, options: ChunkOptions, penalty_function=None):
-        import jax
-        import jax.numpy as jnp
-
-        from .loss import weighted_residuals
-        from .minimizer import Minimizer
-
-        self.model = model
-        self.options = options
-        params = model.params
-        self.names = list(params.names)
-        self.n_params = len(self.names)
-        self.lower = np.asarray(params.lower, dtype=np.float64)
-        self.upper = np.asarray(params.upper, dtype=np.float64)
-        self.free_index = np.array([self.names.index(n) for n in params.free_names], dtype=int)
-        self.n_free = len(self.free_index)
-        self.embed_matrix, self.embed_fixed_mask = _embedding(params)
-        # Parameters that belong together (one line's flux, shift, width): reset together.
-        components = model.metadata.get("components", {}) if isinstance(model.metadata, Mapping) else {}
-        self.component_groups = [
-            [self.names.index(p) for p in info.get("params", []) if p in self.names]
-            for info in components.values()
-            if isinstance(info, Mapping)
-        ]
-
-        extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind}
-        # LM through a queue of lanes (see lm_slots in sheap_dask.yaml); restarts reuse it.
-        self.slots = int(options.slots or 0) if options.method == "lm" else 0
-        if options.method == "lm":
-            extra["robust_scale"] = options.robust_scale
-            extra["slots"] = self.slots
-
-        def minimizer(num_steps: int) -> Minimizer:
-            return Minimizer(
-                model.func,
-                non_optimize_in_axis=4,
-                num_steps=int(num_steps),
-                learning_rate=options.learning_rate,
-                weighted=bool(options.weighted),
-                method=options.method,
-                lbfgs_options=dict(options.lbfgs_options) or None,
-                penalty_function=penalty_function,
-                param_converter=params,
-                penalty_weight=options.penalty_weight,
-                curvature_weight=options.curvature_weight,
-                smoothness_weight=options.smoothness_weight,
-                max_weight=options.max_weight,
-                **extra,
-            )
-
-        # A vmapped while_loop runs until its slowest spectrum stops, so LM runs in two
-        # stages: the whole chunk for `stage_iter` iterations, then only the stragglers, in
-        # batches an eighth the size (at least 8), for the rest of the budget.
-        self.stage_iter = int(options.stage_iter or 0)
-        staged = options.method == "lm" and not self.slots and 0 < self.stage_iter < int(options.num_steps)
-        self.minimizer = minimizer(self.stage_iter if staged else options.num_steps)
-        self.straggler_minimizer = minimizer(int(options.num_steps) - self.stage_iter) if staged else None
-        func = model.func
-        embed = jnp.asarray(self.embed_matrix)
-
-        def residuals(phys, wavelength, flux, errors):
-            return weighted_residuals(func, phys, wavelength, flux, errors)
-
-        def post_one(phys, wavelength, flux, errors):
-            _STATS["traces"] += 1  # runs at trace time only
-            r = residuals(phys, wavelength, flux, errors)
-            jac_full = jax.jacfwd(residuals)(phys, wavelength, flux, errors)  # (n_pix, n_params)
-            jac_free = jac_full @ embed.astype(jac_full.dtype)  # ties/fixed folded in
-            return jnp.sum(r * r), jac_free.T @ jac_free
-
-        self._post = jax.jit(jax.vmap(post_one, in_axes=(0, None, 0, 0)))
-        self._post_2d = jax.jit(jax.vmap(post_one, in_axes=(0, 0, 0, 0)))
-
-        def chi2_free(x_free, fixed_values, wavelength, flux, errors):
-            phys = fixed_values + embed.astype(x_free.dtype) @ x_free
-            r = residuals(phys, wavelength, flux, errors)
-            return jnp.sum(r * r)
-
-        chi2_free.errordef = 1.0
-        self.chi2_free = chi2_free  # one function object: SLSQP caches its compiled gradient
-        self._slsqp = None
-        self._warm = False
-
-    def post(self, phys, wavelength, flux, errors):
-        """Chi-square and J^T W J, always in float64: the covariance needs the precision
-        even when the solve ran in float32."""
-        import jax
-
-        fn = self._post_2d if np.ndim(wavelength) == 2 else self._post
-        f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
-        with jax.enable_x64(True):
-            chi2, jtj = fn(f64(phys), f64(wavelength), f64(flux), f64(errors))
-        return np.asarray(chi2, dtype=np.float64), np.asarray(jtj, dtype=np.float64)
-
-    def post_rows(self, phys, wavelength, flux, errors, n_rows: int, group: int):
-        """:meth:`post` of the first ``n_rows`` rows in groups of ``group`` (the last padded):
-        the padding of a batch is not worth a float64 Jacobian."""
-        chi2 = np.full(len(phys), np.nan)
-        jtj = np.full((len(phys), self.n_free, self.n_free), np.nan)
-        for first in range(0, n_rows, group):  # one compiled shape: (group, ...)
-            take = np.minimum(np.arange(first, first + group), n_rows - 1)
-            wl = wavelength[take] if np.ndim(wavelength) == 2 else wavelength
-            c, j = self.post(phys[take], wl, flux[take], errors[take])
-            k = min(group, n_rows - first)
-            chi2[first : first + k], jtj[first : first + k] = c[:k], j[:k]
-        return chi2, jtj
-
-    def warm_up(self, start, flux, wavelength, errors, batch: int, dtype) -> None:
-        """Compile, during a worker's first chunk, every program a later chunk may need.
-
-        The straggler/restart batch, its post-processing and the SLSQP fallback are only
-        needed when some spectrum is slow or stuck; compiled lazily, a worker would stop to
-        compile them in the middle of a run, whenever such a spectrum first turns up.
-        ``start``, ``flux``, ``wavelength`` (1-D or one row) and ``errors`` describe one spectrum.
-        """
-        if self._warm:
-            return
-        self._warm = True
-        constraints = np.stack([self.lower, self.upper], axis=-1).astype(dtype)
-        rep = lambda a: np.repeat(np.asarray(a)[None], _group_size(batch), axis=0)  # noqa: E731
-        wl_g = wavelength if np.ndim(wavelength) == 1 else rep(wavelength)
-        if self.straggler_minimizer is not None:
-            self.straggler_minimizer.run(rep(start).astype(dtype), rep(flux).astype(dtype), np.asarray(wl_g).astype(dtype), rep(errors).astype(dtype), constraints)
-        if self.options.method == "lm" and self.options.restarts:  # post-processing of restart groups
-            self.post(rep(start), wl_g, rep(flux), rep(errors))
-        if self.options.fallback == "slsqp":
-            from .slsqp import SLSQP
-
-            self.post(np.asarray(start)[None], wavelength if np.ndim(wavelength) == 1 else np.asarray(wavelength)[None], np.asarray(flux)[None], np.asarray(errors)[None])
-            free = self.free_index
-            offsets = expand_free(self.model.params, np.zeros(len(free)), start)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                SLSQP(tol=self.options.fallback_tol, maxiter=3).minimize(
-                    self.chi2_free,
-                    params={"value": np.asarray(start, dtype=np.float64)[free], "lower": self.lower[free], "upper": self.upper[free]},
-                    args=(offsets, np.asarray(wavelength, dtype=np.float64), np.asarray(flux, dtype=np.float64), np.asarray(errors, dtype=np.float64)),
-                )
-
-    def slsqp(self):
-        if self._slsqp is None:
-            from .slsqp import SLSQP
-
-            self._slsqp = SLSQP(tol=self.options.fallback_tol, maxiter=self.options.fallback_maxiter)
-        return self._slsqp
-
-
-def _embedding(params) -> tuple[np.ndarray, np.ndarray]:
-    """Linear map from free physical parameters to all physical parameters.
-
-    Ties are affine in their source (``target = source OP c``), fixed values are constants,
-    so ``phys = fixed + E @ free`` with ``E`` (n_params, n_free). Used for the covariance of
-    tied parameters and for the SLSQP fallback, which works in physical units.
-    """
-    names = list(params.names)
-    free = list(params.free_names)
-    E = np.zeros((len(names), len(free)))
-    for j, name in enumerate(free):
-        E[names.index(name), j] = 1.0
-    for target, source, op, operand in params.ties:
-        factor = {"*": operand, "/": 1.0 / operand, "+": 1.0, "-": 1.0}[op]
-        E[names.index(target)] = E[names.index(source)] * factor
-    fixed_mask = ~np.any(E != 0, axis=1)
-    return E, fixed_mask
-
-
-def expand_free(params, free, reference) -> np.ndarray:
-    """All physical parameters from the free ones: ``offsets + E @ free``.
-
-    Tied values are rebuilt exactly (in float64) from their sources; fixed values come from
-    ``reference``, the additive offsets of ``+``/``-`` ties from the ties. ``free`` is
-    (n_free,) or (n, n_free), ``reference`` (n_params,) or (n, n_params); ``free = 0`` gives
-    the offsets alone.
-    """
-    E, fixed_mask = _embedding(params)
-    names = list(params.names)
-    reference = np.asarray(reference, dtype=np.float64)
-    offsets = np.where(fixed_mask, reference, 0.0)
-    for target, _source, op, operand in params.ties:
-        if op in "+-":
-            offsets[..., names.index(target)] = operand if op == "+" else -operand
-    return offsets + np.asarray(free, dtype=np.float64) @ E.T
-
-
-def _get_compiled(model, options: ChunkOptions, penalty_function=None) -> _CompiledModel:
-    config.enable_compilation_cache()
-    key = (model.fingerprint(), options, id(penalty_function) if penalty_function else None)
-    with _CACHE_LOCK:
-        compiled = _CACHE.get(key)
-        if compiled is None:
-            compiled = _CompiledModel(model, options, penalty_function)
-            _CACHE[key] = compiled
-            _STATS["solver_builds"] += 1
-    return compiled
-
-
-# --------------------------------------------------------------------------------------
-# The chunk function
-# --------------------------------------------------------------------------------------
 def fit_chunk(
     model,
     wavelength: np.ndarray,
@@ -414,31 +90,33 @@ def fit_chunk(
         Observed-frame wavelength in Angstrom, (n_pix,) shared or (n_spectra, n_pix).
     flux, ivar : ndarray
         (n_spectra, n_pix) flux density and inverse variance. ``ivar <= 0``, non-finite
-        ``ivar`` or non-finite flux masks a pixel.
+        ``ivar`` or non-finite flux masks a pixel. Any flux unit: each spectrum is scaled to
+        order unity inside and the results are reported in the input's unit.
     redshift : ndarray, optional
         (n_spectra,) redshifts: the model is fitted in the rest frame
         (wavelength / (1 + z), flux * (1 + z), ivar / (1 + z)^2), so line fluxes are
         observed integrated fluxes. ``None`` means the input is already rest frame.
     init : ndarray, optional
-        (n_spectra, n_params) physical initial values; NaN entries fall back to the model's
-        data-driven estimate. Default: the model's initializer (or its parameter values).
+        (n_spectra, n_params) physical initial values in the input's unit; NaN entries fall
+        back to the model's data-driven estimate. Default: the model's initializer (or its
+        parameter values).
     options : ChunkOptions, optional
         Solver, loss, fallback and error options; defaults from ``dask.config``.
     pad_to : int, optional
         Batch size of the compiled solve. A short last chunk is padded up to it so it reuses
         the program compiled for the full chunks. Default: the number of spectra.
     penalty_function : callable, optional
-        Extra penalty term passed to the loss (see :func:`~sheap_dask.loss.build_loss_function`).
+        Extra penalty term for adam/lbfgs (see :func:`~sheap_dask.loss.build_loss_function`);
+        it sees parameters in the input's unit, so spectra are then fitted unscaled.
 
     Returns
     -------
     dict of ndarray
-        ``params``, ``params_err`` (n_spectra, n_params); ``loss``, ``chi2``, ``dof``,
-        ``redchi2``, ``status`` (int8 :class:`~sheap_dask.status.Status` codes), ``method``,
-        ``n_iter`` (n_spectra,); and ``loss_history`` (n_spectra, num_steps) when
-        ``options.return_history``.
+        The variables of :data:`RESULT_VARIABLES` (``loss_history`` (n_spectra, num_steps)
+        too when ``options.return_history``), one row per spectrum.
     """
     options = (options or ChunkOptions()).resolved()
+    check_penalty(options, penalty_function)
     traces_before, t0 = compile_stats()["traces"], time.perf_counter()
     out = _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
     compiled = compile_stats()["traces"] != traces_before
@@ -449,12 +127,109 @@ def fit_chunk(
     return out
 
 
+class _Chunk:
+    """The scaled, rest-frame arrays of one chunk and its bookkeeping (numpy)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def rows(self, idx):
+        """(wavelength, flux, errors, lower, upper) of rows ``idx``."""
+        wl = self.wl[idx] if self.wl.ndim == 2 else self.wl
+        return wl, self.flux[idx], self.errors[idx], self.lower[idx], self.upper[idx]
+
+
 def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function) -> dict[str, np.ndarray]:
     import jax
 
-    dtype = np.dtype(options.dtype)
+    flux, ivar, wavelength = _check_arrays(flux, ivar, wavelength)
+    n_spec, _ = flux.shape
+    batch = max(int(pad_to or n_spec), n_spec)
+    compiled = get_compiled(model, options, penalty_function)
+    n_params, n_free = compiled.n_params, compiled.n_free
+
+    with np.errstate(all="ignore"):
+        wl, flux, ivar, z_ok = _to_rest_frame(wavelength, flux, ivar, redshift)
+        usable = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+        coverage = np.ones(n_spec)
+        if model.window is not None:
+            usable &= (wl >= model.window[0]) & (wl <= model.window[1])
+            coverage = _window_coverage(wl, usable, model.window)
+        n_usable = usable.sum(axis=1)
+        good = z_ok & (n_usable >= n_free + int(options.min_extra_pixels)) & (coverage >= options.coverage_min)
+        errors = np.where(usable, 1.0 / np.sqrt(np.where(usable, ivar, 1.0)), np.inf)
+        raw_flux = np.where(usable, flux, 0.0)
+
+    out = _empty_result(n_spec, n_params, options)
+    out["dof"][:] = np.maximum(n_usable - n_free, 0)
+    out["quality"][coverage < options.coverage_flag] |= Quality.WINDOW_INCOMPLETE
+    good_idx = np.flatnonzero(good)
+    if good_idx.size == 0:
+        logger.info("chunk of %d spectra: none has enough usable pixels", n_spec)
+        return out
+
+    # Unit-free: every spectrum in units of a robust statistic of itself, the model's flux
+    # parameters (amplitudes, line fluxes, continuum norms) in the same units.
+    # The scaled arrays are rounded to 20 significant bits: a spectrum given in another unit
+    # then reaches the solver as exactly the same numbers (its rounding differs only in the
+    # last bits of float64), so the fit is the same to the last digit, in float32 as in
+    # float64; 20 bits are 5e-7 of each value, far below any noise.
+    scale = _flux_scale(raw_flux, errors, usable, good) if penalty_function is None else np.ones(n_spec)
+    param_scale = np.where(compiled.flux_mask[None, :], scale[:, None], 1.0)
+    start = _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx)
+    lower = _round_bits(compiled.lower[None, :] / param_scale)
+    upper = _round_bits(compiled.upper[None, :] / param_scale)
+    chunk = _Chunk(
+        wl=wl, flux=_round_bits(raw_flux / scale[:, None]), errors=_round_bits(errors / scale[:, None]), lower=lower, upper=upper,
+        start=_clip_inside(_round_bits(start / param_scale), lower, upper), good=good, batch=batch, n_usable=n_usable,
+        dtype=np.dtype(options.dtype),
+    )
+
+    with jax.enable_x64(options.dtype == "float64"):
+        first = good_idx[0]
+        wl_first = chunk.wl if chunk.wl.ndim == 1 else chunk.wl[first]
+        compiled.warm_up(options, chunk.start[first], chunk.flux[first], wl_first, chunk.errors[first], lower[first], upper[first], _group_size(batch))
+        solved = _solve(compiled, chunk, chunk.start, good_idx)
+    for name in ("params", "loss", "chi2", "status", "n_iter"):
+        out[name][good_idx] = solved[name]
+    out["method"][good_idx] = options.method
+    if options.return_history:
+        out["loss_history"][good_idx] = solved["loss_history"]
+    jtwj = np.full((n_spec, n_free, n_free), np.nan)
+    jtwj[good_idx] = solved["jtwj"]
+    _update_redchi2(out, good_idx)
+    nonfinite = good & ~(np.all(np.isfinite(out["params"]), axis=1) & np.isfinite(out["chi2"]))
+    out["status"][nonfinite] = Status.NONFINITE
+
+    with jax.enable_x64(options.dtype == "float64"):
+        if options.method == "lm" and options.restarts:
+            _restart_suspects(out, jtwj, compiled, chunk, options)
+        if options.absorber_iterations:
+            _reject_absorbers(out, jtwj, compiled, chunk, options)
+    if options.fallback == "slsqp":
+        retry = _fallback_candidates(out, good, compiled, chunk, options)
+        if retry.size:
+            _run_fallback(retry, out, jtwj, compiled, chunk, options)
+
+    _finish_quality(out, good, compiled, chunk, options)
+    err, undefined = _parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower)
+    out["quality"][undefined] |= Quality.ERRORS_UNDEFINED
+    # back to the input's unit
+    out["params"] *= param_scale
+    out["params_err"] = err * param_scale
+    out["flux_scale"][good] = scale[good]
+    return out
+
+
+def _check_arrays(flux, ivar, wavelength):
     flux = np.asarray(flux)
     ivar = np.asarray(ivar)
+    for name, arr in (("flux", flux), ("ivar", ivar)):
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise InputDataError(
+                f"fit_chunk: {name} has dtype {arr.dtype}; it must be real numbers (float32 or float64). "
+                + ("Take the real part or the modulus explicitly." if np.iscomplexobj(arr) else "Convert it with .astype('float64').")
+            )
     if flux.ndim != 2 or ivar.shape != flux.shape:
         raise InputDataError(
             f"fit_chunk needs flux and ivar of the same shape (n_spectra, n_pix); got flux {flux.shape}, ivar {ivar.shape}."
@@ -465,108 +240,50 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
         raise InputDataError(
             f"fit_chunk: wavelength shape {wavelength.shape} matches neither (n_pix,) = ({n_pix},) nor flux {flux.shape}."
         )
-    batch = max(int(pad_to or n_spec), n_spec)
-    compiled = _get_compiled(model, options, penalty_function)
-    n_params, n_free = compiled.n_params, compiled.n_free
-
-    with np.errstate(all="ignore"):
-        wl, flux, ivar, z_ok = _to_rest_frame(wavelength, flux.astype(np.float64), ivar.astype(np.float64), redshift)
-        usable = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
-        if model.window is not None:
-            usable &= (wl >= model.window[0]) & (wl <= model.window[1])
-        n_usable = usable.sum(axis=1)
-        good = z_ok & (n_usable >= n_free + int(options.min_extra_pixels))
-        errors = np.where(usable, 1.0 / np.sqrt(np.where(usable, ivar, 1.0)), np.inf)
-        clean_flux = np.where(usable, flux, 0.0)
-
-    out = _empty_result(n_spec, n_params, options)
-    out["dof"][:] = np.maximum(n_usable - n_free, 0)
-    good_idx = np.flatnonzero(good)
-    if good_idx.size == 0:
-        logger.info("chunk of %d spectra: none has usable pixels", n_spec)
-        return out
-
-    start = _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx)
-
-    # The batch holds the good spectra only, padded with copies of the first one: bad
-    # spectra never enter the vmapped solve and every chunk has the same compiled shape.
-    take = np.concatenate([good_idx, np.full(batch - good_idx.size, good_idx[0])])
-    wl_b = wl[take] if wl.ndim == 2 else wl
-    constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
-    with jax.enable_x64(options.dtype == "float64"):
-        first = good_idx[0]
-        compiled.warm_up(start[first], clean_flux[first], wl_b if wl.ndim == 1 else wl[first], errors[first], batch, dtype)
-        solved = _batched_solve(compiled, start[take], clean_flux[take], wl_b, errors[take], constraints, dtype, options, n_active=good_idx.size)
-        # Ties and fixed values rebuilt in float64 from the free parameters: exact whatever
-        # precision the solve ran in.
-        phys = solved["params"]
-        solved["params"] = expand_free(compiled.model.params, phys[:, compiled.free_index], phys)
-        chi2_b, jtj_b = compiled.post(solved["params"], wl_b, clean_flux[take], errors[take])
-    sel = slice(0, good_idx.size)
-    for name in ("params", "loss", "status", "n_iter"):
-        out[name][good_idx] = solved[name][sel]
-    out["chi2"][good_idx] = chi2_b[sel]
-    out["method"][good_idx] = options.method
-    if options.return_history:
-        out["loss_history"][good_idx] = solved["loss_history"][sel]
-    jtj = np.full((n_spec, n_free, n_free), np.nan)
-    jtj[good_idx] = jtj_b[sel]
-
-    with np.errstate(all="ignore"):
-        out["redchi2"] = out["chi2"] / np.where(out["dof"] > 0, out["dof"], np.nan)
-        nonfinite = good & ~(np.all(np.isfinite(out["params"]), axis=1) & np.isfinite(out["chi2"]))
-    out["status"][nonfinite] = Status.NONFINITE
-
-    if options.method == "lm" and options.restarts:
-        _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, dtype, options, batch)
-
-    if options.fallback == "slsqp":
-        retry = _fallback_candidates(out, good, compiled, options)
-        if retry.size:
-            _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, options)
-
-    out["params_err"] = _parameter_errors(jtj, compiled, out, options)
-    return out
+    return flux.astype(np.float64), ivar.astype(np.float64), wavelength
 
 
-def _batched_solve(compiled, start, flux, wl, errors, constraints, dtype, options, n_active=None) -> dict[str, np.ndarray]:
-    """The solve of a padded batch (the first ``n_active`` rows are real): LM lanes work
-    through it as a queue, or one vmapped loop whose stragglers get a second, smaller batch."""
-    cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731
-    queue = {"n_active": n_active} if compiled.slots and n_active is not None else {}  # padding never runs
-    result = compiled.minimizer.run(cast(start), cast(flux), cast(wl), cast(errors), cast(constraints), **queue)
-    solved = {  # writable copies: stragglers are filled in below
-        "params": np.array(result.params, dtype=np.float64),
-        "loss": np.array(result.loss, dtype=np.float64),
-        "status": np.array(result.status, dtype=np.int8),
-        "n_iter": np.array(result.n_iter, dtype=np.int32),
-        "loss_history": np.array(result.loss_history, dtype=np.float64),
+def _solve(compiled, chunk: _Chunk, start: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Batched solve of ``rows`` from ``start[rows]`` (padded to the chunk's batch size, in
+    groups of it when there are more rows): parameters with exact float64 ties, the
+    objective, chi-square and J^T W J in float64."""
+    batch = chunk.batch
+    keys = ("params", "loss", "chi2", "status", "n_iter", "loss_history", "jtwj")
+    parts = {k: [] for k in keys}
+    for first in range(0, rows.size, batch):  # groups of the compiled batch, not a loop over spectra
+        idx = rows[first : first + batch]
+        take = np.concatenate([idx, np.full(batch - idx.size, idx[0])])
+        wl, flux, errors, lower, upper = chunk.rows(take)
+        res = _batched_solve(compiled, chunk, start[take], take, idx.size)
+        # ties and fixed values rebuilt in float64 from the free parameters: exact whatever
+        # precision the solve ran in
+        params = compiled.model.params.expand_free(res["params"][:, compiled.free_index], start[take])
+        chi2, objective, jtwj = compiled.post_rows(params, wl, flux, errors, idx.size, _group_size(batch))
+        k = idx.size
+        for name, value in (("params", params), ("loss", objective), ("chi2", chi2), ("jtwj", jtwj)):
+            parts[name].append(value[:k])
+        for name in ("status", "n_iter", "loss_history"):
+            parts[name].append(res[name][:k])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _batched_solve(compiled, chunk: _Chunk, start: np.ndarray, take: np.ndarray, n_active: int) -> dict[str, np.ndarray]:
+    """The compiled solve of the padded rows ``take`` (the first ``n_active`` are real)."""
+    cast = lambda a: np.asarray(a).astype(chunk.dtype)  # noqa: E731
+    wl, flux, errors, lower, upper = chunk.rows(take)
+    queue = {"n_active": n_active} if compiled.slots else {}  # lanes skip the padding
+    res = compiled.minimizer.run(cast(start), cast(flux), cast(wl), cast(errors), compiled.constraints(lower, upper), **queue)
+    return {
+        "params": np.array(res.params, dtype=np.float64),
+        "status": np.array(res.status, dtype=np.int8),
+        "n_iter": np.array(res.n_iter, dtype=np.int32),
+        "loss_history": np.array(res.loss_history, dtype=np.float64),
     }
-    if compiled.straggler_minimizer is None:
-        return solved
-    todo = np.flatnonzero(solved["status"] == Status.MAX_ITER)
-    batch = len(start)
-    group = _group_size(batch)
-    tail = compiled.straggler_minimizer.num_steps
-    history = np.concatenate([solved["loss_history"], np.repeat(solved["loss"][:, None], tail, axis=1)], axis=1)
-    for first in range(0, todo.size, group):  # loops over groups of stragglers, not spectra
-        rows = todo[first : first + group]
-        take = np.concatenate([rows, np.full(group - rows.size, rows[0])])
-        wl_g = wl[take] if np.ndim(wl) == 2 else wl
-        again = compiled.straggler_minimizer.run(cast(solved["params"][take]), cast(flux[take]), cast(wl_g), cast(errors[take]), cast(constraints))
-        k = rows.size
-        solved["params"][rows] = np.asarray(again.params, dtype=np.float64)[:k]
-        solved["loss"][rows] = np.asarray(again.loss, dtype=np.float64)[:k]
-        solved["status"][rows] = np.asarray(again.status, dtype=np.int8)[:k]
-        solved["n_iter"][rows] += np.asarray(again.n_iter, dtype=np.int32)[:k]
-        history[rows, compiled.stage_iter :] = np.asarray(again.loss_history, dtype=np.float64)[:k]
-    solved["loss_history"] = history
-    return solved
 
 
 def _group_size(batch: int) -> int:
-    """Batch size of the straggler and restart solves: an eighth of the chunk, at least 8
-    (10% faster than a quarter on the H-beta benchmark: few spectra straggle)."""
+    """Rows per float64 post-processing call: an eighth of the chunk, at least 8 (the
+    Jacobian of padding rows is not worth computing)."""
     return max(1, min(batch, max(8, batch // 8)))
 
 
@@ -582,10 +299,39 @@ def _to_rest_frame(wavelength, flux, ivar, redshift):
     return wl, flux * opz, ivar / opz**2, z_ok
 
 
+def _window_coverage(wl, usable, window) -> np.ndarray:
+    """Fraction of the model's window spanned by each spectrum's usable pixels (the range
+    from the bluest to the reddest usable pixel; interior gaps do not count)."""
+    wl2 = np.broadcast_to(wl, usable.shape)
+    lo = np.min(np.where(usable, wl2, np.inf), axis=1)
+    hi = np.max(np.where(usable, wl2, -np.inf), axis=1)
+    span = np.clip(np.minimum(hi, window[1]) - np.maximum(lo, window[0]), 0.0, None)
+    return np.where(np.isfinite(span), span / (window[1] - window[0]), 0.0)
+
+
+def _round_bits(x: np.ndarray, bits: int = 20) -> np.ndarray:
+    """``x`` with its mantissa rounded to ``bits`` bits (inf, NaN and 0 unchanged)."""
+    mantissa, exponent = np.frexp(x)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.isfinite(x), np.ldexp(np.round(mantissa * 2.0**bits) / 2.0**bits, exponent), x)
+
+
+def _flux_scale(flux, errors, usable, good) -> np.ndarray:
+    """Per-spectrum unit: the median of max(|flux|, error) over usable pixels.
+
+    Proportional to the flux unit (multiplying a spectrum by c multiplies it by c exactly,
+    up to rounding), robust to outliers, and positive whenever a pixel is usable.
+    """
+    with np.errstate(all="ignore"):
+        level = np.where(usable, np.maximum(np.abs(flux), errors), np.nan)
+        scale = np.nanmedian(np.where(good[:, None], level, 1.0), axis=1)
+    return np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+
+
 def _empty_result(n_spec: int, n_params: int, options: ChunkOptions) -> dict[str, np.ndarray]:
     out = {}
-    for name, (dims, dtype) in RESULT_VARIABLES.items():
-        shape = (n_spec, n_params) if dims else (n_spec,)
+    for name, (dims, dtype) in result_variables(options).items():
+        shape = (n_spec, n_params) if dims == ("param",) else (n_spec, int(options.num_steps)) if dims == ("step",) else (n_spec,)
         if dtype.startswith("float"):
             out[name] = np.full(shape, np.nan, dtype=dtype)
         elif dtype == "<U8":
@@ -593,39 +339,50 @@ def _empty_result(n_spec: int, n_params: int, options: ChunkOptions) -> dict[str
         else:
             out[name] = np.zeros(shape, dtype=dtype)
     out["status"][:] = Status.NO_DATA
-    if options.return_history:
-        out["loss_history"] = np.full((n_spec, int(options.num_steps)), np.nan)
     return out
 
 
 def _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx) -> np.ndarray:
-    """Physical starting values (n_spectra, n_params), strictly inside the bounds."""
-    from .model import _clip_inside
-
+    """Physical starting values (n_spectra, n_params) in the input's unit: the model's
+    initializer sees the spectra as given, ``init`` overrides where finite."""
     n_spec = flux.shape[0]
     start = np.broadcast_to(np.asarray(model.params.values, dtype=np.float64), (n_spec, compiled.n_params)).copy()
     rows = good_idx
     wl_g = wl[rows] if wl.ndim == 2 else wl
     with np.errstate(all="ignore"):
-        start[rows] = model.initial_values(wl_g, np.where(usable[rows], flux[rows], np.nan), np.where(usable[rows], ivar[rows], 0.0))
+        start[rows] = model.initial_values(wl_g, np.where(usable[rows], flux[rows], np.nan), np.where(usable[rows], ivar[rows], 0.0), clip=False)
     if init is not None:
         init = np.asarray(init, dtype=np.float64)
         if init.shape != start.shape:
-            raise InputDataError(f"init has shape {init.shape}; expected (n_spectra, n_params) = {start.shape}.")
+            raise InputDataError(
+                f"init has shape {init.shape}; expected (n_spectra, n_params) = {start.shape} "
+                f"(parameters {compiled.names})."
+            )
         start = np.where(np.isfinite(init), init, start)
-    return _clip_inside(start, compiled.lower, compiled.upper)
+    return start
 
 
-def _pinned(params: np.ndarray, compiled, fraction: float) -> np.ndarray:
-    """(n, n_params) mask: free parameters within ``fraction`` of their range from a bound."""
-    lo, hi = compiled.lower, compiled.upper
-    span = hi - lo
+def _clip_inside(values, lower, upper):
+    from .model import _clip_inside as clip
+
+    return clip(values, lower, upper)
+
+
+def _update_redchi2(out, rows) -> None:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dof = out["dof"][rows]
+        out["redchi2"][rows] = out["chi2"][rows] / np.where(dof > 0, dof, np.nan)
+
+
+def _pinned(params: np.ndarray, compiled, lower: np.ndarray, upper: np.ndarray, fraction: float) -> np.ndarray:
+    """(n, n_params) mask: free parameters within ``fraction`` of their range from a bound
+    (of max(|value|, 1) for a parameter with one finite bound)."""
+    span = upper - lower
     near = np.zeros(params.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
-        finite_span = np.isfinite(span)
-        tol = np.where(finite_span, fraction * span, fraction * np.maximum(np.abs(params), 1.0))
-        near |= np.isfinite(lo) & (params - lo < tol)
-        near |= np.isfinite(hi) & (hi - params < tol)
+        tol = np.where(np.isfinite(span), fraction * span, fraction * np.maximum(np.abs(params), 1.0))
+        near |= np.isfinite(lower) & (params - lower < tol)
+        near |= np.isfinite(upper) & (upper - params < tol)
     free = np.zeros(compiled.n_params, dtype=bool)
     free[compiled.free_index] = True
     return near & free
@@ -638,26 +395,30 @@ def _redchi2_outlier(redchi2, dof, median: float, n_sigma: float) -> np.ndarray:
         return redchi2 > median * (1.0 + n_sigma * np.sqrt(2.0 / np.maximum(dof, 1)))
 
 
-def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, dtype, options, batch: int) -> None:
-    """Batched LM restarts for fits stuck in a local minimum; keeps the best of three.
+def _converged_median(out, good) -> float | None:
+    ok = good & np.isin(out["status"], (Status.CONVERGED, Status.CONVERGED_AFTER_FALLBACK)) & np.isfinite(out["redchi2"])
+    return float(np.median(out["redchi2"][ok])) if ok.any() else None
+
+
+def _restart_suspects(out, jtwj, compiled, chunk: _Chunk, options) -> None:
+    """Batched restarts for fits stuck in a local minimum; keeps the lowest objective.
 
     A parameter driven onto a bound (a line flux at 0, a shift at its limit) has a vanishing
     gradient in the optimizer's bounded coordinates, so LM cannot bring it back even when
     the fit is clearly poor. Suspects are spectra with a reduced chi-square above
     ``median * (1 + redchi2_sigma * sqrt(2 / dof))`` or a pinned parameter. Each is re-fitted
     twice in one batch: with its pinned parameters reset to their initial values, and with
-    the whole components of its pinned parameters reset; the lowest chi-square is kept.
-    (Running the second start only where the first left a suspect is ~15% faster per chunk
-    but misses fits the second start improves by a chi-square of 70-90: both always run.)
+    the whole components of its pinned parameters reset; the lowest objective of the three
+    fits is kept.
     """
-    redchi2 = out["redchi2"]
-    ok = good & (out["status"] == Status.CONVERGED) & np.isfinite(redchi2)
-    if not ok.any():
+    good = chunk.good
+    median = _converged_median(out, good)
+    if median is None:
         return
-    median = float(np.median(redchi2[ok]))
-    outlier = _redchi2_outlier(redchi2, out["dof"], median, options.redchi2_sigma)
-    pinned = _pinned(out["params"], compiled, options.pinned_tolerance)
-    suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (redchi2 > median))))
+    ok = good & (out["status"] == Status.CONVERGED) & np.isfinite(out["redchi2"])
+    outlier = _redchi2_outlier(out["redchi2"], out["dof"], median, options.redchi2_sigma)
+    pinned = _pinned(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance)
+    suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (out["redchi2"] > median))))
     if suspects.size == 0:
         return
     pinned = pinned[suspects]
@@ -665,131 +426,219 @@ def _restart_suspects(out, jtj, good, compiled, wl, clean_flux, errors, start, d
     for group in compiled.component_groups:
         whole[:, group] |= whole[:, group].any(axis=1, keepdims=True)
     current = out["params"][suspects]
-    starts = np.concatenate([np.where(pinned, start[suspects], current), np.where(whole, start[suspects], current)])
-    rows = np.concatenate([suspects, suspects])
-    solver = compiled.straggler_minimizer or compiled.minimizer
-    # groups of the padded chunk's size: the shape warm_up compiled, also for a short last chunk
-    group = _group_size(batch) if compiled.straggler_minimizer else batch
-    cast = lambda a: np.asarray(a).astype(dtype)  # noqa: E731
-    constraints = np.stack([compiled.lower, compiled.upper], axis=-1)
-    for first in range(0, rows.size, group):  # groups of restarts, not a loop over spectra
-        idx = np.arange(first, min(first + group, rows.size))
-        take = np.concatenate([idx, np.full(group - idx.size, idx[0])])
-        r = rows[take]
-        wl_g = wl[r] if wl.ndim == 2 else wl
-        queue = {"n_active": idx.size} if compiled.slots else {}  # lanes skip the padding
-        res = solver.run(cast(starts[take]), cast(clean_flux[r]), cast(wl_g), cast(errors[r]), cast(constraints), **queue)
-        params = np.asarray(res.params, dtype=np.float64)
-        params = expand_free(compiled.model.params, params[:, compiled.free_index], params)  # exact ties
-        # the real rows only, in groups of the warmed-up shape
-        chi2, jtj_g = compiled.post_rows(params, wl_g, clean_flux[r], errors[r], idx.size, _group_size(batch))
-        # Per spectrum, the best converged restart of this group replaces the current fit
-        # when its chi-square is lower (a spectrum's two starts may share a group).
-        valid = np.flatnonzero((np.asarray(res.status[: idx.size]) == Status.CONVERGED) & np.isfinite(chi2[: idx.size]))
-        order = valid[np.lexsort((chi2[valid], r[valid]))]
-        best = order[np.unique(r[order], return_index=True)[1]]
-        win = best[chi2[best] < out["chi2"][r[best]]]
-        i = r[win]
-        out["params"][i] = params[win]
-        out["chi2"][i] = chi2[win]
-        out["loss"][i] = np.asarray(res.loss, dtype=np.float64)[win]
-        out["n_iter"][i] += np.asarray(res.n_iter, dtype=np.int32)[win]
-        jtj[i] = jtj_g[win]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["redchi2"][suspects] = out["chi2"][suspects] / np.where(out["dof"][suspects] > 0, out["dof"][suspects], np.nan)
+    starts = chunk.start.copy()
+    for trial in (np.where(pinned, chunk.start[suspects], current), np.where(whole, chunk.start[suspects], current)):
+        starts[suspects] = trial
+        res = _solve(compiled, chunk, starts, suspects)
+        valid = (res["status"] == Status.CONVERGED) & np.isfinite(res["loss"])
+        win = valid & (res["loss"] < out["loss"][suspects])
+        i = suspects[win]
+        for name in ("params", "loss", "chi2"):
+            out[name][i] = res[name][win]
+        out["n_iter"][suspects[valid]] += res["n_iter"][valid]
+        jtwj[i] = res["jtwj"][win]
+    _update_redchi2(out, suspects)
 
 
-def _fallback_candidates(out, good, compiled, options) -> np.ndarray:
+def _reject_absorbers(out, jtwj, compiled, chunk: _Chunk, options) -> None:
+    """Mask narrow troughs far below the model and re-solve the spectra that have them.
+
+    Rule (documented in the README): with residuals r = (data - model)/sigma measured from
+    their running median (so broad model mismatch does not count), a trough is a run of
+    adjacent pixels below -``absorber_sigma`` / 1.5 whose deepest pixel is below
+    -``absorber_sigma``, two to ``absorber_max_width`` pixels long (one pixel below -2 x
+    ``absorber_sigma`` also counts); it is grown by ``absorber_grow`` pixels on each side
+    and masked. A spectrum whose masked pixels would exceed ``absorber_max_fraction`` of its
+    usable pixels is left alone (the model, not absorbers, is wrong there). The affected
+    spectra are re-solved from their current parameters in one batched call, up to
+    ``absorber_iterations`` times.
+    """
+    for _ in range(int(options.absorber_iterations)):
+        rows = np.flatnonzero(chunk.good & (out["status"] == Status.CONVERGED))  # an unconverged fit's residuals say little
+        if rows.size == 0:
+            return
+        resid = _residuals(compiled, chunk, out["params"], rows)
+        mask = _trough_mask(resid, options.absorber_sigma, int(options.absorber_grow), int(options.absorber_max_width))
+        n_new = mask.sum(axis=1)
+        usable = np.isfinite(chunk.errors[rows])
+        n_total = out["n_masked"][rows] + n_new
+        accept = (n_new > 0) & (n_total <= options.absorber_max_fraction * usable.sum(axis=1))
+        if not accept.any():
+            return
+        hit = rows[accept]
+        chunk.errors[hit] = np.where(mask[accept], np.inf, chunk.errors[hit])
+        chunk.flux[hit] = np.where(mask[accept], 0.0, chunk.flux[hit])
+        out["n_masked"][hit] = n_total[accept]
+        out["dof"][hit] -= n_new[accept]
+        out["quality"][hit] |= Quality.ABSORBERS_MASKED
+        res = _solve(compiled, chunk, out["params"], hit)
+        done = np.isfinite(res["loss"]) & np.all(np.isfinite(res["params"]), axis=1)
+        i = hit[done]
+        for name in ("params", "loss", "chi2", "status"):
+            out[name][i] = res[name][done]
+        out["n_iter"][i] += res["n_iter"][done]
+        jtwj[i] = res["jtwj"][done]
+        _update_redchi2(out, hit)
+
+
+def _residuals(compiled, chunk: _Chunk, params: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(data - model)/sigma of ``rows`` (NaN where masked)."""
+    wl = chunk.wl[rows] if chunk.wl.ndim == 2 else chunk.wl
+    model = compiled.evaluate_rows(wl, params[rows], _group_size(chunk.batch))
+    with np.errstate(all="ignore"):
+        return np.where(np.isfinite(chunk.errors[rows]), (chunk.flux[rows] - model) / chunk.errors[rows], np.nan)
+
+
+def _trough_mask(resid: np.ndarray, sigma: float, grow: int, max_width: int) -> np.ndarray:
+    """Pixels of narrow troughs (see :func:`_reject_absorbers`), vectorised over spectra.
+
+    Residuals are measured against their running median over ``4 * max_width + 1`` pixels,
+    so a broad stretch where the model is off (continuum or FeII mismatch, common at high
+    S/N) is not mistaken for absorption: only dips narrower than ``max_width`` pixels are.
+    """
+    n_spec, n_pix = resid.shape
+    half = 2 * max_width
+    padded = np.pad(resid, ((0, 0), (half, half)), constant_values=np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1, axis=1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows (masked stretches)
+        baseline = np.nan_to_num(np.nanmedian(windows, axis=2), nan=0.0)
+    dip = np.nan_to_num(resid - baseline, nan=0.0)
+    low = dip < -sigma / 1.5
+    # label runs of `low` per spectrum: a run id increments at each False -> True edge
+    edges = np.diff(np.concatenate([np.zeros((n_spec, 1), bool), low], axis=1).astype(np.int8), axis=1) == 1
+    run_id = np.cumsum(edges, axis=1) * low
+    n_runs = int(run_id.max(initial=0))
+    if n_runs == 0:
+        return np.zeros_like(low)
+    flat = (np.arange(n_spec)[:, None] * (n_runs + 1) + run_id).ravel()
+    length = np.bincount(flat, weights=low.ravel(), minlength=n_spec * (n_runs + 1))
+    deepest = np.zeros(n_spec * (n_runs + 1))
+    np.minimum.at(deepest, flat, np.where(low, dip, 0.0).ravel())
+    keep = (((length >= 2) & (deepest < -sigma)) | (deepest < -2.0 * sigma)) & (length <= max_width)
+    keep[:: n_runs + 1] = False  # run id 0 is "not low"
+    mask = keep[flat].reshape(n_spec, n_pix)
+    for _ in range(grow):
+        mask = mask | np.roll(mask, 1, axis=1) & ~_edge(n_pix, 0) | np.roll(mask, -1, axis=1) & ~_edge(n_pix, -1)
+    return mask & np.isfinite(resid)
+
+
+def _edge(n_pix: int, where: int) -> np.ndarray:
+    edge = np.zeros(n_pix, dtype=bool)
+    edge[where] = True
+    return edge
+
+
+def _fallback_candidates(out, good, compiled, chunk: _Chunk, options) -> np.ndarray:
     """Indices of spectra to re-fit with SLSQP (the documented rule, see sheap_dask.yaml)."""
     status = out["status"]
     bad = good & (status != Status.CONVERGED)
-    redchi2 = out["redchi2"]
-    converged = good & (status == Status.CONVERGED) & np.isfinite(redchi2)
-    if converged.any():
-        bad |= converged & _redchi2_outlier(redchi2, out["dof"], float(np.median(redchi2[converged])), options.fallback_redchi2_sigma)
-    if options.pinned_fraction and options.pinned_fraction > 0:
-        bad |= good & _pinned(out["params"], compiled, options.pinned_fraction).any(axis=1)
+    median = _converged_median(out, good)
+    if median is not None:
+        converged = good & (status == Status.CONVERGED) & np.isfinite(out["redchi2"])
+        bad |= converged & _redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
+    if options.pinned_fraction > 0:
+        bad |= good & _pinned(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_fraction).any(axis=1)
     return np.flatnonzero(bad)
 
 
-def _run_fallback(retry, out, jtj, compiled, wl, clean_flux, errors, start, options) -> None:
-    """Re-fit ``retry`` spectra one by one with SLSQP; keep whichever fit is better."""
+def _run_fallback(retry, out, jtwj, compiled, chunk: _Chunk, options) -> None:
+    """Re-fit ``retry`` spectra one by one with SLSQP on the batched solve's objective; keep
+    whichever fit has the lower objective."""
     import jax
 
     params = compiled.model.params
-    lower_f = compiled.lower[compiled.free_index]
-    upper_f = compiled.upper[compiled.free_index]
-    solver = compiled.slsqp()
+    free = compiled.free_index
+    solver = compiled.slsqp(options)
     batch_rows = out["params"][retry]
-    offsets = expand_free(params, np.zeros((retry.size, compiled.n_free)), np.where(np.isfinite(batch_rows), batch_rows, start[retry]))
+    offsets = params.expand_free(np.zeros((retry.size, compiled.n_free)), np.where(np.isfinite(batch_rows), batch_rows, chunk.start[retry]))
     logger.info("SLSQP fallback for %d spectra", retry.size)
     for k, i in enumerate(retry):  # the only Python loop over spectra: failed ones only
-        batch_p = out["params"][i, compiled.free_index]
-        inside = np.all(np.isfinite(batch_p)) and np.all(batch_p >= lower_f) and np.all(batch_p <= upper_f)
-        x0 = batch_p if inside else start[i, compiled.free_index]
-        wl_i = wl[i] if wl.ndim == 2 else wl
+        wl_i, flux_i, err_i, lower_i, upper_i = chunk.rows(i)
+        batch_p = out["params"][i, free]
+        inside = np.all(np.isfinite(batch_p)) and np.all(batch_p >= lower_i[free]) and np.all(batch_p <= upper_i[free])
+        x0 = batch_p if inside else chunk.start[i, free]
         try:
             with jax.enable_x64(True):
                 res = solver.minimize(
-                    compiled.chi2_free,
-                    params={"value": x0, "lower": lower_f, "upper": upper_f, "name": params.free_names},
-                    args=(offsets[k], wl_i, clean_flux[i], errors[i]),
+                    compiled.objective_free,
+                    params={"value": x0, "lower": lower_i[free], "upper": upper_i[free], "name": params.free_names},
+                    args=(offsets[k], wl_i, flux_i, err_i),
                 )
         except Exception as exc:  # a failed re-fit must never crash its chunk
             logger.warning("SLSQP fallback raised for spectrum %d of the chunk: %r", i, exc)
             if out["status"][i] == Status.NONFINITE:
                 out["status"][i] = Status.FAILED
             continue
-        old = out["chi2"][i]
-        # A converged batch fit (re-fitted only as a chi-square outlier) is replaced only by
-        # a converged SLSQP fit: a lower but unconverged chi-square would lose its status.
         was_converged = out["status"][i] == Status.CONVERGED
-        if np.isfinite(res.fmin) and not (res.fmin >= old) and (res.converged or not was_converged):  # also when old is NaN
-            x = np.asarray(res.values, dtype=np.float64)
-            out["params"][i] = expand_free(params, x, offsets[k])
-            out["chi2"][i] = out["loss"][i] = res.fmin
+        candidate = params.expand_free(np.asarray(res.values, dtype=np.float64), offsets[k])
+        chi2, objective, jtwj_i = compiled.post(candidate[None], wl_i if wl_i.ndim == 1 else wl_i[None], flux_i[None], err_i[None])
+        # A converged batch fit (re-fitted only as an outlier) is replaced only by a
+        # converged SLSQP fit with a lower objective: never by a worse or unconverged one.
+        # An unconverged one is replaced by a converged SLSQP fit that is no worse.
+        old = out["loss"][i]
+        better = np.isfinite(objective[0]) and not (objective[0] >= old)  # also when the old one is NaN
+        as_good = np.isfinite(objective[0]) and res.converged and not was_converged and objective[0] <= old + 1e-9 * abs(old)
+        if (better or as_good) and (res.converged or not was_converged):
+            out["params"][i] = candidate
+            out["loss"][i], out["chi2"][i] = objective[0], chi2[0]
             out["method"][i] = "slsqp"
             out["n_iter"][i] = res.n_eval
             out["status"][i] = Status.CONVERGED_AFTER_FALLBACK if res.converged else Status.FAILED
-            dof = out["dof"][i]
-            out["redchi2"][i] = res.fmin / dof if dof > 0 else np.nan
-            jtj[i] = _jtj_single(compiled, out["params"][i], wl_i, clean_flux[i], errors[i])
+            jtwj[i] = jtwj_i[0]
+            _update_redchi2(out, np.array([i]))
         elif out["status"][i] == Status.NONFINITE:
             out["status"][i] = Status.FAILED
 
 
-def _jtj_single(compiled, phys, wl, flux, err) -> np.ndarray:
-    _, jtj = compiled.post(phys[None], wl if wl.ndim == 1 else wl[None], flux[None], err[None])
-    return jtj[0]
+def _finish_quality(out, good, compiled, chunk: _Chunk, options) -> None:
+    """``at_bound`` and the quality bits that depend on the final fit."""
+    fitted = good & np.isin(out["status"], [s.value for s in Status if s.ok])
+    at_bound = _pinned(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance) & fitted[:, None]
+    out["at_bound"][:] = at_bound
+    out["quality"][at_bound.any(axis=1)] |= Quality.PARAM_AT_BOUND
+    out["quality"][out["method"] == "slsqp"] |= Quality.FALLBACK_USED
+    median = _converged_median(out, good)
+    if median is not None:
+        outlier = fitted & _redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
+        out["quality"][outlier] |= Quality.CHI2_OUTLIER
 
 
-def _parameter_errors(jtj, compiled, out, options) -> np.ndarray:
-    """1-sigma errors: sqrt(diag(E (J^T W J)^-1 E^T)); NaN where singular or not fitted."""
-    n_spec = jtj.shape[0]
+def _parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np.ndarray]:
+    """1-sigma errors sqrt(diag(E C E^T)) with C the covariance of the free parameters and
+    ``(undefined,)`` per spectrum: NaN only for parameters along a degenerate direction.
+
+    C is the pseudo-inverse of the (IRLS-weighted) J^T W J (:func:`sheap_dask.lm.lm_covariance`:
+    a parameter with a non-negligible component along a null direction gets NaN, the others
+    keep finite errors); tied parameters follow their source, fixed ones are 0. An error
+    wider than the parameter's allowed range (``span``, per spectrum) says only that the data
+    do not constrain it: it is NaN too.
+    """
+    import jax
+
+    from .lm import lm_covariance
+
+    n_spec = jtwj.shape[0]
     err = np.full((n_spec, compiled.n_params), np.nan)
-    ok = np.all(np.isfinite(jtj.reshape(n_spec, -1)), axis=1) & np.isin(out["status"], [s.value for s in Status if s.ok])
-    if not ok.any():
-        return err
-    m = jtj[ok]
-    # Scale to unit diagonal before inverting: parameters span many decades.
-    d = np.sqrt(np.abs(np.einsum("nii->ni", m)))
-    d = np.where(d > 0, d, 1.0)
-    scaled = m / d[:, :, None] / d[:, None, :]
+    undefined = np.zeros(n_spec, dtype=bool)
+    ok = np.all(np.isfinite(jtwj.reshape(n_spec, -1)), axis=1) & np.isin(out["status"], [s.value for s in Status if s.ok])
+    if not ok.any() or compiled.n_free == 0:
+        err[ok] = 0.0
+        return err, undefined
+    with jax.enable_x64(True):
+        cov = np.asarray(lm_covariance(np.asarray(jtwj[ok], dtype=np.float64)), dtype=np.float64)
+    bad_free = np.isnan(np.einsum("nii->ni", cov))
+    E = compiled.embed_matrix
     with np.errstate(all="ignore"):
-        # One symmetric eigendecomposition gives both the condition number and the
-        # pseudo-inverse (singular values of a symmetric matrix = |eigenvalues|).
-        w, V = np.linalg.eigh(scaled)
-        sv = np.abs(w)
-        top = sv.max(axis=1, keepdims=True)
-        singular = ~(sv.min(axis=1) > 0) | (top[:, 0] / sv.min(axis=1) > 1e12)
-        inv_w = np.where(sv > 1e-15 * top, 1.0 / w, 0.0)
-        cov = np.einsum("nij,nj,nkj->nik", V, inv_w, V) / d[:, :, None] / d[:, None, :]
-        E = compiled.embed_matrix
-        # Only the diagonal of E C E^T is needed.
-        e = np.sqrt(np.clip(np.einsum("ij,njk,ik->ni", E, cov, E), 0, None))
+        e = np.sqrt(np.clip(np.einsum("ij,njk,ik->ni", E, np.nan_to_num(cov), E), 0, None))
+    # a parameter is undefined when any free parameter it depends on is
+    e[(bad_free.astype(float) @ (E.T != 0)) > 0] = np.nan
     if options.error_scale == "redchi2":
         e = e * np.sqrt(np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan))[:, None]
-    e[singular] = np.nan
+    with np.errstate(invalid="ignore"):
+        unconstrained = e > span[ok]
+    e[unconstrained] = np.nan
     e[:, compiled.embed_fixed_mask] = 0.0
     err[ok] = e
-    return err
+    undefined[ok] = bad_free.any(axis=1) | unconstrained.any(axis=1)
+    return err, undefined

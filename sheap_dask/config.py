@@ -23,6 +23,60 @@ with open(DEFAULTS_FILE) as _f:
 # update_defaults keeps values already set from files/env and fills in the rest.
 dask.config.update_defaults(DEFAULTS)
 
+_WARNED: set[str] = set()
+
+
+def known_keys(tree: dict | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every documented key below ``sheap_dask`` as ``"section.key" -> default``."""
+    tree = DEFAULTS["sheap_dask"] if tree is None else tree
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(known_keys(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def unknown_keys() -> list[str]:
+    """Keys set under ``sheap_dask`` (YAML files, env vars, ``dask.config.set``) that no
+    part of the package reads: usually a misspelling."""
+    known = known_keys()
+    free_form = {k for k, v in known.items() if isinstance(v, dict)}  # e.g. fit.lbfgs_options
+
+    def walk(tree: Any, prefix: str) -> list[str]:
+        found = []
+        if not isinstance(tree, dict):
+            return found
+        for key, value in tree.items():
+            name = f"{prefix}{str(key).replace('-', '_')}"
+            if name in free_form:
+                continue
+            if name in known:
+                continue
+            if isinstance(value, dict) and any(k.startswith(f"{name}.") for k in known):
+                found += walk(value, f"{name}.")
+            else:
+                found.append(name)
+        return found
+
+    return walk(dask.config.get("sheap_dask", default={}), "")
+
+
+def warn_unknown_keys() -> list[str]:
+    """Warn once per unknown ``sheap_dask.*`` key, naming the closest known key."""
+    import difflib
+    import warnings
+
+    unknown = [k for k in unknown_keys() if k not in _WARNED]
+    for key in unknown:
+        _WARNED.add(key)
+        close = difflib.get_close_matches(key, list(known_keys()), n=1, cutoff=0.5)
+        hint = f"; did you mean sheap_dask.{close[0]}?" if close else "; see sheap_dask/sheap_dask.yaml for the known keys."
+        warnings.warn(f"unknown configuration key sheap_dask.{key} is ignored{hint}", UserWarning, stacklevel=3)
+    return unknown
+
 
 def get(key: str, default: Any = None) -> Any:
     """Read ``sheap_dask.<key>`` from dask.config (env, files and ``dask.config.set`` applied)."""

@@ -28,8 +28,10 @@ import yaml
 
 from . import config
 from ._version import __version__
-from .chunk import RESULT_VARIABLES, ChunkOptions, fit_chunk
+from .chunk import ChunkOptions, fit_chunk, result_variables
+from .options import check_penalty
 from .errors import ClusterWarning, InputDataError, OptionError, ResumeMismatchError
+from .quality import quality_attrs
 from .status import Status, status_attrs
 
 logger = logging.getLogger("sheap_dask.fit")
@@ -164,6 +166,7 @@ def fit_dataset(
             "e.g. fit_dataset(xr.open_zarr('spectra.zarr'), model)."
         )
     _check_model(model)
+    config.warn_unknown_keys()
     fallback_options = dict(fallback_options or {})
     unknown = set(fallback_options) - {"tol", "maxiter", "redchi2_sigma", "pinned_fraction"}
     if unknown:
@@ -174,7 +177,7 @@ def fit_dataset(
         method=method,
         num_steps=num_steps,
         learning_rate=learning_rate,
-        lbfgs_options=tuple(sorted((lbfgs_options or {}).items())),
+        lbfgs_options=tuple(sorted(lbfgs_options.items())) if lbfgs_options is not None else None,
         loss_kind=loss_kind,
         robust_scale=robust_scale,
         weighted=weighted,
@@ -190,6 +193,7 @@ def fit_dataset(
         return_history=return_history,
         dtype=dtype,
     ).resolved()
+    check_penalty(options, penalty_function, penalty_weight)
     resume = config.resolve(resume, "fit.resume")
     progress = config.resolve(progress, "fit.progress")
     if progress is None:
@@ -198,10 +202,6 @@ def fit_dataset(
     inputs = _prepare_inputs(ds, model, flux=flux, ivar=ivar, flux_err=flux_err, wavelength=wavelength, dim=dim, redshift=redshift, chunk_size=chunk_size)
     init_da = _prepare_init(init, model, inputs)
     attrs = _result_attrs(model, options, source, inputs)
-
-    from .accessor import register_model
-
-    register_model(model)
 
     client, own_cluster = _resolve_client(client)
     if client is not None:
@@ -265,12 +265,15 @@ def _prepare_inputs(ds, model, *, flux, ivar, flux_err, wavelength, dim, redshif
         )
     wl_dim = next(d for d in flux_da.dims if d != dim)
     flux_da = flux_da.transpose(dim, wl_dim)
+    _check_real(flux_da, "flux", flux)
 
     if flux_err is not None:
         if flux_err not in ds.variables:
             raise InputDataError(f"flux_err={flux_err!r} is not a variable of the Dataset (it has {available}).")
         err = ds[flux_err].transpose(dim, wl_dim)
-        ivar_da = xr.where(np.isfinite(err) & (err > 0), 1.0 / err**2, 0.0).astype(flux_da.dtype)
+        _check_real(err, "flux_err", flux_err)
+        err = err.astype(np.float64)  # 1/err**2 overflows float32 for errors below ~1e-19
+        ivar_da = xr.where(np.isfinite(err) & (err > 0), 1.0 / err**2, 0.0)
     else:
         if ivar is None or ivar not in ds.variables:
             raise InputDataError(
@@ -281,6 +284,7 @@ def _prepare_inputs(ds, model, *, flux, ivar, flux_err, wavelength, dim, redshif
         if set(ivar_da.dims) != {dim, wl_dim}:
             raise InputDataError(f"ivar {ivar!r} has dims {ivar_da.dims}; expected the dims of flux {(dim, wl_dim)}.")
         ivar_da = ivar_da.transpose(dim, wl_dim)
+        _check_real(ivar_da, "ivar", ivar)
         if not ivar_da.chunks:
             with np.errstate(invalid="ignore"):
                 n_neg = int(np.sum(ivar_da.values < 0))
@@ -352,6 +356,7 @@ def _prepare_inputs(ds, model, *, flux, ivar, flux_err, wavelength, dim, redshif
         per_spectrum_coords[redshift] = ds[redshift].variable
     return _Inputs(
         ds=ds,
+        flux_units=str(ds[flux].attrs.get("units", "")) or None,
         dim=dim,
         wl_dim=wl_dim,
         flux=arrays["flux"],
@@ -363,6 +368,15 @@ def _prepare_inputs(ds, model, *, flux, ivar, flux_err, wavelength, dim, redshif
         n_spectra=flux_da.sizes[dim],
         coords=per_spectrum_coords,
     )
+
+
+def _check_real(da: xr.DataArray, argument: str, name: str) -> None:
+    """Refuse complex or non-numeric data: its imaginary part would be dropped silently."""
+    kind = np.dtype(da.dtype).kind
+    if kind not in "fiu":
+        what = "complex" if kind == "c" else f"non-numeric ({da.dtype})"
+        fix = "take .real or abs() explicitly" if kind == "c" else "convert it with .astype('float64')"
+        raise InputDataError(f"{argument}={name!r} is {what}; spectra must be real numbers (float32/float64): {fix}.")
 
 
 def _spectrum_chunks(flux_da, dim, wl_dim, model, chunk_size) -> int:
@@ -438,15 +452,11 @@ def _block(flux, ivar, z, init, *extra, model, wavelength, options, pad_to, has_
         pad_to=pad_to,
         penalty_function=penalty_function,
     )
-    names = list(RESULT_VARIABLES) + (["loss_history"] if options.return_history else [])
-    return tuple(out[name] for name in names)
+    return tuple(out[name] for name in result_variables(options))
 
 
 def _output_specs(options: ChunkOptions) -> list[tuple[str, tuple[str, ...], str]]:
-    specs = [(name, dims, dtype) for name, (dims, dtype) in RESULT_VARIABLES.items()]
-    if options.return_history:
-        specs.append(("loss_history", ("step",), "float64"))
-    return specs
+    return [(name, dims, dtype) for name, (dims, dtype) in result_variables(options).items()]
 
 
 def _build_lazy(inputs: _Inputs, init_da, model, options, attrs, penalty_function) -> xr.Dataset:
@@ -489,24 +499,42 @@ def _decorate(result: xr.Dataset, inputs: _Inputs, model, attrs) -> xr.Dataset:
         param_min=("param", np.asarray(params.lower, dtype=np.float64)),
         param_max=("param", np.asarray(params.upper, dtype=np.float64)),
     )
+    flux_unit = inputs.flux_units or "input flux unit"
+    templates = model.metadata.get("param_units", {}) if isinstance(model.metadata, Mapping) else {}
+    units = [
+        templates.get(name, "{flux} (scales with the flux)" if name in model.flux_params else "").replace("{flux}", flux_unit)
+        for name in params.names
+    ]
+    result = result.assign_coords(param_units=("param", np.asarray(units, dtype=str)))
     result = result.assign_coords({name: var for name, var in inputs.coords.items()})
     result["status"].attrs.update(status_attrs())
-    descriptions = {
-        "params": "best-fit physical parameters (ties and fixed values filled in)",
-        "params_err": "1-sigma errors from the covariance at the optimum; NaN where undefined",
-        "loss": "final value of the objective that was minimized",
-        "chi2": "weighted chi-square of the final model",
-        "dof": "degrees of freedom: usable pixels minus free parameters",
-        "redchi2": "reduced chi-square chi2/dof",
-        "method": "optimizer that produced the final parameters",
-        "n_iter": "iterations (batched solve) or function evaluations (fallback) used",
-        "loss_history": "loss per step of the batched solve, padded after convergence",
-    }
-    for name, text in descriptions.items():
+    result["quality"].attrs.update(quality_attrs())
+    for name, (text, unit) in _DESCRIPTIONS.items():
         if name in result:
             result[name].attrs["long_name"] = text
+            if unit is not None:
+                result[name].attrs["units"] = unit.replace("{flux}", flux_unit)
+    for name in ("params", "params_err"):
+        result[name].attrs["units"] = "see the param_units coordinate (one unit per parameter)"
     result.attrs.update(attrs)
     return result
+
+
+# variable -> (long_name, CF units or None)
+_DESCRIPTIONS = {
+    "params": ("best-fit physical parameters (ties and fixed values filled in)", None),
+    "params_err": ("1-sigma errors from the covariance at the optimum; NaN where undefined", None),
+    "loss": ("final value of the objective that was minimized (the same for restarts and the fallback)", "1"),
+    "chi2": ("plain weighted chi-square of the final model over the pixels fitted", "1"),
+    "dof": ("degrees of freedom: pixels fitted minus free parameters", "1"),
+    "redchi2": ("reduced chi-square chi2/dof", "1"),
+    "method": ("optimizer that produced the final parameters", None),
+    "n_iter": ("iterations (batched solve) or function evaluations (fallback) used", "1"),
+    "at_bound": ("the parameter ended within restart_pinned_tolerance of a bound", None),
+    "n_masked": ("pixels masked as absorbers (narrow troughs far below the model)", "1"),
+    "flux_scale": ("the spectrum's flux unit inside the fit (median of max(|flux|, error)); parameters are reported in the input's unit", "{flux}"),
+    "loss_history": ("loss per step of the batched solve, padded after convergence", "1"),
+}
 
 
 def _result_attrs(model, options: ChunkOptions, source, inputs: _Inputs) -> dict:
@@ -516,6 +544,7 @@ def _result_attrs(model, options: ChunkOptions, source, inputs: _Inputs) -> dict
         "model_description": model.description,
         "sheap_model": json.dumps(model_dict, sort_keys=True, default=str),
         "sheap_model_fingerprint": model.fingerprint(),
+        "sheap_model_identity": model.identity(),
         "sheap_options": options.to_json(),
         "sheap_version": __version__,
         "sheap_frame": "rest" if inputs.redshift is not None else "input",
@@ -526,7 +555,7 @@ def _result_attrs(model, options: ChunkOptions, source, inputs: _Inputs) -> dict
     if source is not None:
         attrs["sheap_input"] = source
     identity = {
-        "model": model.fingerprint(),
+        "model": model.identity(),
         "options": options.to_dict(),
         "n_spectra": inputs.n_spectra,
         "chunk": inputs.chunks,
@@ -795,7 +824,10 @@ def _check_resume(existing: xr.Dataset, template: xr.Dataset, store: str) -> Non
         return
     differences = []
     if old.get("sheap_model_fingerprint") != new.get("sheap_model_fingerprint"):
-        differences.append(f"model: store has {_model_name(old)!r}, this fit uses {_model_name(new)!r} (definitions differ)")
+        differences.append(
+            f"model identity: store has {_model_name(old)!r} {old.get('sheap_model_fingerprint')}, this fit uses "
+            f"{_model_name(new)!r} {new.get('sheap_model_fingerprint')} (its parameters, code, constants or templates differ)"
+        )
     old_opts = json.loads(old.get("sheap_options", "{}"))
     new_opts = json.loads(new.get("sheap_options", "{}"))
     for key in sorted(set(old_opts) | set(new_opts)):

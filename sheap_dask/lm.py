@@ -83,6 +83,7 @@ from jax import lax
 from jax.scipy.linalg import cho_factor, cho_solve
 
 from .errors import OptionError
+from .loss import robust_rho
 from .status import Status
 
 __all__ = ["LMResult", "levenberg_marquardt", "levenberg_marquardt_queue", "lm_covariance"]
@@ -178,13 +179,7 @@ def _check_options(max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_do
         raise OptionError(f"levenberg_marquardt(jacobian={jacobian!r}): use 'fwd' (jax.jacfwd, best for few parameters) or 'rev' (jax.jacrev).")
 
 
-def _logcosh(u):
-    # log cosh(u) = |u| + log1p(exp(-2|u|)) - log 2, without overflow for large |u|.
-    a = jnp.abs(u)
-    return a + jnp.log1p(jnp.exp(-2.0 * a)) - jnp.log(2.0).astype(u.dtype)
-
-
-def _irls_weight(u):
+def irls_weight(u):
     # tanh(u)/u with its limit 1 - u^2/3 near 0 (the error of the series is O(u^4) <= 1e-16).
     small = jnp.abs(u) < 1e-4
     safe = jnp.where(small, jnp.ones_like(u), u)
@@ -358,12 +353,12 @@ def _lm_functions(residual_fn, dtype, n, *, max_iter, ftol, xtol, gtol, lambda_i
     def cost_of(r):
         if robust is None:
             return jnp.sum(r * r)
-        return 2.0 * s * s * jnp.sum(_logcosh(r / s))
+        return 2.0 * jnp.sum(robust_rho(r, s))
 
     def weights(r):
         if robust is None:
             return jnp.ones_like(r)
-        return _irls_weight(r / s)
+        return irls_weight(r / s)
 
     def linearize(x, r, args):
         """Normal-equation pieces at an accepted point (the only Jacobian evaluation)."""

@@ -16,11 +16,12 @@ never reaches the gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from .errors import ModelError, OptionError
 
-__all__ = ["build_loss_function", "weighted_residuals", "usable_mask", "LOSS_KINDS"]
+__all__ = ["build_loss_function", "weighted_residuals", "usable_mask", "robust_rho", "LOSS_KINDS"]
 
 #: Data terms :func:`build_loss_function` knows.
 LOSS_KINDS = ("logcosh", "chi2")
@@ -110,7 +111,19 @@ def _logcosh(r):
 
     a = jnp.abs(r)
     # log cosh r = |r| + log1p(exp(-2|r|)) - log 2: no overflow for large |r|.
-    return a + jnp.log1p(jnp.exp(-2.0 * a)) - jnp.log(2.0)
+    return a + jnp.log1p(jnp.exp(-2.0 * a)) - jnp.log(2.0).astype(a.dtype)
+
+
+def robust_rho(r, robust_scale=1.0):
+    r"""Per-pixel robust data term :math:`s^2 \log\cosh(r/s)`: :math:`r^2/2` for
+    :math:`|r| \ll s`, :math:`s|r|` for :math:`|r| \gg s` (``s`` = ``robust_scale`` in sigma).
+
+    The objective of every method is built from it: ``build_loss_function`` averages it
+    over usable pixels, Levenberg-Marquardt minimises twice its sum (so that the cost is
+    the chi-square for small residuals), and the fallback minimises the same sum.
+    """
+    s = robust_scale
+    return s * s * _logcosh(r / s)
 
 
 def build_loss_function(
@@ -123,6 +136,7 @@ def build_loss_function(
     smoothness_weight: float = 1e5,
     max_weight: float = 0.1,
     kind: str = "logcosh",
+    robust_scale: float = 1.0,
 ) -> Callable:
     r"""Build ``loss(params, wavelength, flux, errors) -> scalar`` for one spectrum.
 
@@ -138,8 +152,8 @@ def build_loss_function(
             + \gamma \langle (\Delta^2 d)_i^2 \rangle_{U_3}
             + \delta \langle (\Delta d)_i^2 \rangle_{U_2}
 
-    where :math:`\rho(r) = \log\cosh r` (``kind="logcosh"``, quadratic for small residuals,
-    linear for outliers: robust) or :math:`\rho(r) = r^2` (``kind="chi2"``: with all other
+    where :math:`\rho(r) = s^2 \log\cosh (r/s)` (``kind="logcosh"``, quadratic for small
+    residuals, linear for outliers: robust; :math:`s` = ``robust_scale``, 1 by default) or :math:`\rho(r) = r^2` (``kind="chi2"``: with all other
     weights 0, :math:`L = \chi^2 / N_U`, the least-squares objective);
     :math:`\langle\cdot\rangle_U` is the mean over usable pixels; :math:`\alpha` =
     ``max_weight`` (worst-pixel term); :math:`\beta` = ``penalty_weight`` and :math:`P` =
@@ -172,6 +186,8 @@ def build_loss_function(
         and removes it from the computation).
     kind : {"logcosh", "chi2"}
         The data term :math:`\rho`.
+    robust_scale : float
+        :math:`s`, the residual (in sigma) where log-cosh turns from quadratic to linear.
 
     Returns
     -------
@@ -225,7 +241,10 @@ def build_loss_function(
             raise OptionError(f"{name}={w!r} must be a finite number >= 0 (0 switches the term off).")
     penalty_weight, curvature_weight, smoothness_weight, max_weight = (float(w) for w in weights.values())
     convert = _converter(param_converter)
-    rho = _logcosh if kind == "logcosh" else jnp.square
+    if not (isinstance(robust_scale, (int, float)) and math.isfinite(robust_scale) and robust_scale > 0):
+        raise OptionError(f"robust_scale={robust_scale!r} must be a finite number > 0 (in units of sigma, e.g. 3).")
+    scale = float(robust_scale)
+    rho = (lambda r: robust_rho(r, scale)) if kind == "logcosh" else jnp.square
 
     def _mean(values, mask):
         n = jnp.sum(mask)

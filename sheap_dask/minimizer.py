@@ -50,7 +50,7 @@ _COMMON_DEFAULTS = {
     "adam": {"rtol": 1e-6, "gtol": 1e-9, "patience": 20},
     "lbfgs": {"rtol": 1e-9, "gtol": 1e-9, "patience": 2},
 }
-_GENERIC_DEFAULTS = {"rtol": 1e-8, "gtol": 1e-9, "patience": 1}
+_GENERIC_DEFAULTS = {"rtol": 1e-8, "gtol": 1e-9, "patience": 1, "robust_scale": 1.0}
 
 
 class SolveProblem(NamedTuple):
@@ -395,7 +395,8 @@ class Minimizer:
         ``rtol`` (relative loss decrease; default 1e-6 for adam, 1e-9 for lbfgs), ``gtol``
         (max-abs raw-gradient tolerance, default 1e-9), ``patience`` (iterations without a
         relative decrease > ``rtol`` before convergence; default 20 for adam, 2 for lbfgs),
-        ``loss_kind`` (``"logcosh"`` default or ``"chi2"``), and the options of other
+        ``loss_kind`` (``"logcosh"`` default or ``"chi2"``), ``robust_scale`` (the log-cosh
+        scale in sigma, default 1: the seed's loss), and the options of other
         registered methods. ``adam_options`` (dict) goes to ``optax.adam`` (b1, b2, eps, ...).
 
     Notes
@@ -505,6 +506,7 @@ class Minimizer:
             smoothness_weight=smoothness_weight,
             max_weight=max_weight,
             kind=options["loss_kind"],
+            robust_scale=options["robust_scale"],
         )
         # Validate weights now rather than at the first call.
         build_loss_function(func, **self.loss_options)

@@ -2,21 +2,56 @@
 
 Every model sheap_dask fits is a ``Model``: user functions and the built-in AGN regions alike,
 so all of them run through :func:`sheap_dask.fit_dataset` unchanged.
+
+A model's identity (:meth:`Model.identity`) is a content hash of everything that changes its
+output: the parameters (names, values, bounds, ties, fixed values), the window, the flux
+parameters, the code, closure values, defaults and globals of its functions (user functions
+by content, package functions by name and version), template arrays by content, the
+metadata, and a user-declared ``version``. Built-in regions are identified by their declared
+specification plus the package version. Compiled-program caches, resume and the accessor all
+use it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import json
-from collections.abc import Callable, Mapping
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .errors import ModelError
+from .identity import Tokenizer
 
-__all__ = ["Model"]
+__all__ = ["Model", "find_model", "ModelIdentityWarning"]
+
+# Models alive in this process, so a fit result can find the model that made it by identity
+# without the Dataset layer registering anything (weak: dropping a model frees it).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+# Attributes behind the cached part of the identity (setting one drops the cache).
+_DEFINING = frozenset({"func", "initializer", "components", "declared_identity"})
+
+
+class ModelIdentityWarning(UserWarning):
+    """Part of a model could not be captured by its identity (declare a ``version=``)."""
+
+
+def find_model(fingerprint: str, param_names: Sequence[str] | None = None):
+    """A live :class:`Model` of this process whose fingerprint (or full identity) is
+    ``fingerprint``, or ``None``; with ``param_names``, only one with those parameters."""
+    if not fingerprint:
+        return None
+    with _LIVE_LOCK:
+        models = list(_LIVE)
+    for model in models:
+        ident = model.identity()
+        if (ident == fingerprint or ident[:16] == fingerprint) and (param_names is None or model.param_names == list(param_names)):
+            return model
+    return None
 
 
 class Model:
@@ -48,6 +83,19 @@ class Model:
         Free-form, JSON-serializable description (line catalogue, references, ...).
     description : str, optional
         One-line human description stored in result attrs.
+    flux_params : sequence of str, optional
+        Parameters proportional to the flux unit (amplitudes, line fluxes, continuum
+        normalisations): the fit scales each spectrum to order unity and these parameters
+        with it, so results do not depend on the flux unit. Default: detected when the model
+        is built (the parameters the model is linear in, if the model is proportional to
+        them jointly); ``()`` fits in the input's unit.
+    version : str, optional
+        Declared version, part of the identity. Set it when the model's output depends on
+        something its identity cannot see (a file read at call time, a C extension's state).
+    check : bool
+        Evaluate the model once on its own window and parameter values when it is built, so
+        an out-of-range parameter index (which JAX clamps silently) or a non-vmappable
+        function fails here with a clear error. Default True.
 
     Examples
     --------
@@ -56,8 +104,8 @@ class Model:
     >>> p = sd.Parameters().add("amp", 1.0, min=0).add("center", 5000.0).add("sigma", 5.0, min=0.1)
     >>> gauss = lambda x, p: p[0] * jnp.exp(-0.5 * ((x - p[1]) / p[2]) ** 2)
     >>> model = sd.Model(gauss, p, name="gauss")
-    >>> model.n_params
-    3
+    >>> model.n_params, model.flux_params
+    (3, ('amp',))
     """
 
     def __init__(
@@ -71,6 +119,9 @@ class Model:
         components: Mapping[str, Callable] | None = None,
         metadata: Mapping[str, Any] | None = None,
         description: str | None = None,
+        flux_params: Sequence[str] | None = None,
+        version: str | None = None,
+        check: bool = True,
     ) -> None:
         if not callable(func):
             raise ModelError(f"Model(func=...) must be callable, got {type(func).__name__}; pass a function f(wavelength, params) -> flux.")
@@ -85,6 +136,8 @@ class Model:
             window = (float(window[0]), float(window[1]))
             if not window[0] < window[1]:
                 raise ModelError(f"Model(window={window}) must be (low, high) with low < high, in Angstrom.")
+        if version is not None and not isinstance(version, str):
+            raise ModelError(f"Model(version={version!r}) must be a string, e.g. version='2'.")
         self.func = func
         self.params = params
         self.name = name or getattr(func, "__name__", "model")
@@ -93,6 +146,41 @@ class Model:
         self.components = dict(components or {})
         self.metadata = dict(metadata or {})
         self.description = description or f"sheap_dask.Model {self.name!r} with {len(params.names)} parameters"
+        self.version = version
+        self.declared_identity = None
+        if flux_params is not None:
+            flux_params = tuple(str(p) for p in flux_params)
+            unknown = [p for p in flux_params if p not in params.names]
+            if unknown:
+                raise ModelError(f"Model {self.name!r}: flux_params {unknown} are not parameters of the model ({list(params.names)}).")
+        if check:
+            detected = _check_model_function(self, detect=flux_params is None)
+            if flux_params is None:
+                flux_params = detected
+        self.flux_params = tuple(flux_params or ())
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _DEFINING:
+            self.__dict__.pop("_token", None)
+        object.__setattr__(self, name, value)
+
+    def __getstate__(self) -> dict:
+        # The identity is recomputed where the model is unpickled (a worker): it must be the
+        # same there, and a test checks that it is.
+        state = dict(self.__dict__)
+        state.pop("_token", None)
+        state.pop("_uncaptured", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("version", None)
+        self.__dict__.setdefault("declared_identity", None)
+        self.__dict__.setdefault("flux_params", ())
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     # -- introspection -------------------------------------------------------------------
     @property
@@ -112,20 +200,60 @@ class Model:
         return f"Model({self.name!r}, n_params={self.n_params}, n_free={self.n_free}{window})"
 
     def to_dict(self) -> dict:
-        """JSON-serializable description (stored in result attrs, compared on resume)."""
+        """JSON-serializable description (stored in result attrs; resume compares the identity)."""
         return {
             "name": self.name,
             "description": self.description,
             "window": list(self.window) if self.window else None,
             "params": self.params.spec(),
-            "func": _callable_id(self.func),
+            "flux_params": list(self.flux_params),
+            "func": f"{getattr(self.func, '__module__', '')}.{getattr(self.func, '__qualname__', type(self.func).__name__)}",
+            "version": self.version,
+            "identity": self.identity(),
             "metadata": self.metadata,
         }
 
+    def identity(self) -> str:
+        """Content hash (hex SHA-256) of everything that defines the model's output.
+
+        The same in every process, after pickling and in a new session; different whenever
+        the parameters, window, flux parameters, functions (code, closure values, defaults,
+        globals), templates, metadata or declared ``version`` differ. Built-in regions hash
+        their declared specification and the package version instead of their functions.
+        """
+        tokenizer = Tokenizer()
+        definition = self.__dict__.get("_token")
+        if definition is None:  # functions and templates: hashed once (attribute changes reset it)
+            definition = tokenizer.token(
+                self.declared_identity
+                if self.declared_identity is not None
+                else {"func": self.func, "initializer": self.initializer, "components": self.components}
+            )
+            self.__dict__["_token"] = definition
+        # small and mutable in place: hashed every time
+        identity = tokenizer.token(
+            {
+                "definition": definition,
+                "params": self.params.spec(),
+                "window": self.window,
+                "flux_params": list(self.flux_params),
+                "version": self.version,
+                "metadata": self.metadata,
+            }
+        )
+        if tokenizer.uncaptured and not self.version:
+            warnings.warn(
+                f"model {self.name!r}: its identity cannot capture {sorted(set(tokenizer.uncaptured))}; a change "
+                "there would not be noticed by the compile cache or by resume. Declare the model's version "
+                "with Model(..., version='1') and change it whenever that part changes.",
+                ModelIdentityWarning,
+                stacklevel=2,
+            )
+        return identity
+
     def fingerprint(self) -> str:
-        """Stable hash of the model's definition: same model, same fingerprint."""
-        text = json.dumps(self.to_dict(), sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """The first 16 hex digits of :meth:`identity` (stored in result attrs)."""
+        return self.identity()[:16]
 
     # -- evaluation ----------------------------------------------------------------------
     def __call__(self, wavelength, params):
@@ -160,11 +288,13 @@ class Model:
                 out[name] = np.asarray(jax.vmap(f, in_axes=(wl_axis, 0))(wavelength, params))
         return out
 
-    def initial_values(self, wavelength, flux, ivar) -> np.ndarray:
+    def initial_values(self, wavelength, flux, ivar, *, clip: bool = True) -> np.ndarray:
         """Physical initial values (n_spectra, n_params) for a block of spectra.
 
-        Uses the model's data-driven ``initializer`` when it has one, then clips into the
-        bounds; otherwise repeats ``params.values``.
+        Uses the model's data-driven ``initializer`` when it has one (non-finite values fall
+        back to ``params.values``), then, with ``clip``, clips strictly inside the bounds;
+        otherwise repeats ``params.values``. The chunk layer clips after scaling each
+        spectrum to order unity (``clip=False``): the margin is relative to that unit.
         """
         flux = np.asarray(flux)
         n = flux.shape[0]
@@ -179,7 +309,7 @@ class Model:
                 "(n_spectra, n_params)."
             )
         guess = np.where(np.isfinite(guess), guess, default)
-        return _clip_inside(guess, np.asarray(self.params.lower), np.asarray(self.params.upper))
+        return _clip_inside(guess, np.asarray(self.params.lower), np.asarray(self.params.upper)) if clip else guess
 
 
 def _clip_inside(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, frac: float = 1e-6) -> np.ndarray:
@@ -191,9 +321,116 @@ def _clip_inside(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, frac:
     return np.clip(values, lo, hi)
 
 
-def _callable_id(func: Callable) -> str:
-    """A stable identity for a function: its source when available, else its qualified name."""
-    try:
-        return inspect.getsource(func)
-    except (OSError, TypeError):
-        return f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}"
+def _clip_inside(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, frac: float = 1e-6) -> np.ndarray:
+    """Clip strictly inside finite bounds: the logistic map cannot represent the bound itself."""
+    span = np.where(np.isfinite(upper - lower), upper - lower, 1.0)
+    eps = frac * np.maximum(span, 1e-300)
+    lo = np.where(np.isfinite(lower), lower + eps, -np.inf)
+    hi = np.where(np.isfinite(upper), upper - eps, np.inf)
+    return np.clip(values, lo, hi)
+
+
+# -- the build-time check -------------------------------------------------------------------------
+_CHECK_PIXELS = 128
+
+
+def _check_model_function(model: Model, *, detect: bool) -> tuple[str, ...]:
+    """Evaluate ``model.func`` on its window and parameter values (jitted, vmapped, index-checked).
+
+    Raises :class:`ModelError` when the function reads a parameter index beyond
+    ``n_params`` (JAX would clamp it silently), cannot be vmapped, or returns the wrong
+    shape. With ``detect``, returns the flux parameters: those the model is linear in, when
+    the model is proportional to all of them jointly (a sum of amplitude x shape terms).
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import checkify
+
+    params = model.params
+    n = len(params.names)
+    lo, hi = model.window or (1000.0, 10000.0)
+    wl = np.linspace(lo, hi, _CHECK_PIXELS)
+    base = _sample_inside(params)
+    probes = [base]
+    if detect:  # two steps along each parameter: linear ones move the output in proportion
+        for j in range(n):
+            step = 0.5 * max(abs(base[j]), 1.0)
+            for k in (1, 2):
+                p = base.copy()
+                p[j] += k * step
+                probes.append(p)
+    batch = np.stack(probes)
+    checked = jax.jit(checkify.checkify(jax.vmap(model.func, in_axes=(None, 0)), errors=checkify.index_checks))
+
+    def evaluate(points: np.ndarray) -> np.ndarray:
+        try:
+            with jax.enable_x64(True):
+                err, out = checked(jnp.asarray(wl), jnp.asarray(points))
+                message = err.get()
+                out = np.asarray(out, dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - any failure to evaluate is the model's
+            raise ModelError(
+                f"model {model.name!r} fails when evaluated on its own parameter values (vmapped over spectra, "
+                f"wavelength {lo:g}-{hi:g} A): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} A model function must be pure jax.numpy, "
+                "take (wavelength (n_pix,), params (n_params,)) and not branch on values in Python."
+            ) from exc
+        if message:
+            raise ModelError(
+                f"model {model.name!r} reads a parameter that does not exist: {message.strip()} The model has "
+                f"{n} parameters {list(params.names)}; index p[0] .. p[{n - 1}] only."
+            )
+        if out.shape != (len(points), _CHECK_PIXELS):
+            raise ModelError(
+                f"model {model.name!r} returns shape {out.shape[1:]} for {_CHECK_PIXELS} wavelengths; it must return one "
+                "flux value per wavelength, shape (n_pix,)."
+            )
+        return out
+
+    out = evaluate(batch)
+    if not detect:
+        return ()
+    linear = _linear_parameters(model.params, out)
+    if not linear:
+        return ()
+    doubled = base.copy()
+    doubled[linear] *= 2.0
+    f_doubled = evaluate(np.repeat(doubled[None], len(batch), axis=0))[0]  # same shape: no recompile
+    ok = np.all(np.isfinite(out), axis=0)
+    scale = np.max(np.abs(out[0][ok])) + 1e-300
+    if np.max(np.abs(f_doubled[ok] - 2.0 * out[0][ok])) <= 1e-7 * scale:
+        return tuple(params.names[j] for j in linear)
+    return ()
+
+
+def _sample_inside(params) -> np.ndarray:
+    """A generic point inside the bounds (ties applied): not the initial values, where
+    amplitudes are often 0 and every test of proportionality passes trivially."""
+    import jax
+    import jax.numpy as jnp
+
+    raw0 = np.asarray(params.raw_init(), dtype=np.float64)
+    shift = 0.3 + 0.1 * np.arange(raw0.size) / max(raw0.size, 1)
+    with jax.enable_x64(True):
+        return np.asarray(params.raw_to_phys(jnp.asarray(raw0 + shift)), dtype=np.float64)
+
+
+def _linear_parameters(params, out: np.ndarray) -> list[int]:
+    """Indices of the parameters the model is linear in (``out``: base, then two steps per
+    parameter); a tie keeps its target and source together, additive ties never scale."""
+    ok = np.all(np.isfinite(out), axis=0)
+    if not ok.any():
+        return []
+    f0 = out[0][ok]
+    scale = np.max(np.abs(f0)) + 1e-300
+    linear = []
+    for j in range(len(params.names)):
+        f1, f2 = out[1 + 2 * j][ok], out[2 + 2 * j][ok]
+        moved = np.max(np.abs(f1 - f0))
+        if moved > 1e-9 * scale and np.max(np.abs(f2 - 2 * f1 + f0)) <= 1e-7 * moved:
+            linear.append(j)
+    names = list(params.names)
+    for target, source, op, _ in params.ties:
+        t, s = names.index(target), names.index(source)
+        if (t in linear) != (s in linear) or (op in "+-" and t in linear):
+            linear = [j for j in linear if j not in (t, s)]
+    return linear

@@ -411,6 +411,41 @@ class Parameters:
         except ValueError:
             raise KeyError(f"no parameter named {name!r}; known: {self._known()}") from None
 
+    # -- the linear algebra of free -> physical ------------------------------------------
+    def embedding(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(E, fixed_mask)``: the linear map from free to all physical parameters.
+
+        Ties are affine in their source (``target = source OP c``) and fixed values are
+        constants, so ``phys = offsets + E @ free`` with ``E`` (n_params, n_free);
+        ``fixed_mask`` marks the parameters no free one moves. Used for the covariance of
+        tied parameters and by the SLSQP fallback, which works in physical units.
+        """
+        names = self.names
+        free = self.free_names
+        E = np.zeros((len(names), len(free)))
+        for j, name in enumerate(free):
+            E[names.index(name), j] = 1.0
+        for target, source, op, operand in self.ties:
+            factor = {"*": operand, "/": 1.0 / operand, "+": 1.0, "-": 1.0}[op]
+            E[names.index(target)] = E[names.index(source)] * factor
+        return E, ~np.any(E != 0, axis=1)
+
+    def expand_free(self, free, reference) -> np.ndarray:
+        """All physical parameters from the free ones: ``offsets + E @ free`` (float64).
+
+        Tied values are rebuilt exactly from their sources; fixed values come from
+        ``reference``, the additive offsets of ``+``/``-`` ties from the ties. ``free`` is
+        (n_free,) or (n, n_free), ``reference`` (n_params,) or (n, n_params); ``free = 0``
+        gives the offsets alone.
+        """
+        E, fixed_mask = self.embedding()
+        names = self.names
+        offsets = np.where(fixed_mask, np.asarray(reference, dtype=np.float64), 0.0)
+        for target, _source, op, operand in self.ties:
+            if op in "+-":
+                offsets[..., names.index(target)] = operand if op == "+" else -operand
+        return offsets + np.asarray(free, dtype=np.float64) @ E.T
+
     # -- serialization -------------------------------------------------------------------
     def spec(self) -> list[dict]:
         """JSON-serializable description: one dict per parameter (``None`` for no bound)."""

@@ -63,7 +63,7 @@ def test_short_chunk_is_padded_not_recompiled(data):
     np.testing.assert_allclose(a["params"][:5], b["params"], rtol=1e-10)
 
 
-@pytest.mark.parametrize("slots", [0, 3], ids=["two_stage", "lanes"])
+@pytest.mark.parametrize("slots", [0, 3], ids=["one_loop", "lanes"])
 def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
     """A fit LM drove onto a bound (flux at 0, centre at its limit) is re-fitted from its
     initial values, in groups of the compiled shape even for a short last chunk."""
@@ -79,10 +79,11 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
 
     solve = chunk._batched_solve
 
-    def stuck(*args, **kwargs):  # spectra end on bounds, as in a local minimum
-        solved = solve(*args, **kwargs)
-        solved["params"][[0, 2, 6], 0] = 1e-12  # amp at its lower bound 0
-        solved["params"][[4, 5], :2] = [1e-12, 4980.0 + 1e-9]  # amp and centre on bounds
+    def stuck(compiled, chunk_, start, take, n_active):  # spectra end on bounds, as in a local minimum
+        solved = solve(compiled, chunk_, start, take, n_active)
+        if n_active >= 11:  # the first solve of the whole chunk, not the restarts
+            solved["params"][[0, 2, 6], 0] = 1e-12  # amp at its lower bound 0
+            solved["params"][[4, 5], :2] = [1e-12, 4980.0 + 1e-9]  # amp and centre on bounds
         return solved
 
     stuck_rows = [0, 2, 4, 5, 6]  # 10 restarts: more than one group of 8; a minority of the chunk
@@ -108,24 +109,26 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
 def test_fallback_pinned_rule_flags_only_parameters_at_a_bound(data):
     """fallback pinned_fraction: a parameter with one finite bound (amp >= 0) counts as pinned
     only near that bound, not always."""
-    from sheap_dask.chunk import _fallback_candidates, _get_compiled
+    from sheap_dask.chunk import _Chunk, _fallback_candidates
+    from sheap_dask.compiled import get_compiled
 
     wl, flux, ivar, _ = data
     good = np.setdiff1d(np.arange(16), [1, 2, 3])
     opts = ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", pinned_fraction=0.01).resolved()
     out = fit_chunk(gauss_model(), wl, flux[good], ivar[good], options=opts)
-    compiled = _get_compiled(gauss_model(), opts)
+    compiled = get_compiled(gauss_model(), opts)
+    bounds = _Chunk(lower=np.tile(compiled.lower, (good.size, 1)), upper=np.tile(compiled.upper, (good.size, 1)))
     ok = np.ones(good.size, dtype=bool)
-    assert _fallback_candidates(out, ok, compiled, opts).size == 0
+    assert _fallback_candidates(out, ok, compiled, bounds, opts).size == 0
     out["params"][4, 0] = 1e-9  # amp on its bound 0
     out["params"][6, 2] = 29.99  # sigma within 1% of its range from 30
-    np.testing.assert_array_equal(_fallback_candidates(out, ok, compiled, opts), [4, 6])
+    np.testing.assert_array_equal(_fallback_candidates(out, ok, compiled, bounds, opts), [4, 6])
 
 
 def test_lm_lanes_match_one_vmapped_loop(data):
     wl, flux, ivar, _ = data
     model = gauss_model()
-    one_loop = fit_chunk(model, wl, flux, ivar, options=ChunkOptions(method="lm", num_steps=100, dtype="float64", slots=0, stage_iter=0), pad_to=16)
+    one_loop = fit_chunk(model, wl, flux, ivar, options=ChunkOptions(method="lm", num_steps=100, dtype="float64", slots=0), pad_to=16)
     lanes = fit_chunk(model, wl, flux, ivar, options=ChunkOptions(method="lm", num_steps=100, dtype="float64", slots=3), pad_to=16)
     np.testing.assert_allclose(lanes["params"], one_loop["params"], rtol=1e-9, atol=1e-12)
     np.testing.assert_array_equal(lanes["status"], one_loop["status"])
@@ -189,3 +192,88 @@ def test_bad_options_and_shapes(data):
         fit_chunk(gauss_model(), wl, flux, ivar, options=ChunkOptions(method="newton"))
     with pytest.raises(InputDataError, match=r"wavelength shape \(7,\) matches neither"):
         fit_chunk(gauss_model(), wl[:7], flux, ivar, options=LM)
+
+
+def _troughs(flux, ivar, rows, depth=20.0, width=4, start=20):
+    """Plant narrow absorption troughs ``depth`` sigma deep in the continuum of ``rows``."""
+    flux = flux.copy()
+    sigma = 1.0 / np.sqrt(ivar[rows, start : start + width])
+    flux[rows, start : start + width] -= depth * sigma
+    return flux
+
+
+def test_absorbers_are_masked_and_the_fallback_keeps_the_robust_fit(data):
+    from sheap_dask.loss import robust_rho
+    from sheap_dask.quality import Quality
+
+    wl, flux, ivar, _ = data
+    good = np.setdiff1d(np.arange(16), [1, 2, 3])
+    flux, ivar = flux[good], ivar[good]
+    model = gauss_model()
+    clean = fit_chunk(model, wl, flux, ivar, options=LM)
+    planted = [0, 3, 7]
+    dirty = _troughs(flux, ivar, planted)
+    masked = fit_chunk(model, wl, dirty, ivar, options=LM)
+    assert np.all(masked["n_masked"][planted] >= 4) and np.all(masked["n_masked"][np.setdiff1d(np.arange(13), planted)] == 0)
+    assert np.all(masked["quality"][planted] & Quality.ABSORBERS_MASKED)
+    within = np.abs(masked["params"] - clean["params"]) < 0.5 * clean["params_err"]
+    assert within[planted].all()
+
+    # without the rejection, the fallback (which the troughs' chi-square sends them to)
+    # minimises the robust objective of the batch too: it keeps the robust fit, which the
+    # troughs pull far less than a chi-square fit
+    no_rejection = dict(method="lm", num_steps=100, dtype="float64", absorber_iterations=0)
+    robust = fit_chunk(model, wl, dirty, ivar, options=ChunkOptions(fallback="none", **no_rejection))
+    kept = fit_chunk(model, wl, dirty, ivar, options=ChunkOptions(fallback="slsqp", **no_rejection))
+    least_squares = fit_chunk(model, wl, dirty, ivar, options=ChunkOptions(fallback="none", loss_kind="chi2", **no_rejection))
+    assert np.all(kept["loss"] <= robust["loss"] * (1 + 1e-9))
+    assert np.all(np.abs(kept["params"] - robust["params"]) < 0.1 * clean["params_err"])
+    c0 = model.param_names.index("c0")
+    pull = lambda fit: np.abs(fit["params"][planted, c0] - clean["params"][planted, c0])  # noqa: E731
+    assert np.all(pull(kept) < 0.5 * pull(least_squares))
+    # `loss` is the robust objective (log-cosh with its scale), not the chi-square
+    r = (np.stack([np.asarray(model.func(wl, p)) for p in kept["params"]]) - dirty) * np.sqrt(ivar)
+    objective = 2.0 * np.asarray(robust_rho(r, 3.0)).sum(axis=1)
+    np.testing.assert_allclose(kept["loss"], objective, rtol=1e-4)  # the fit sees the data to 20 bits
+    assert np.all(kept["chi2"][planted] > kept["loss"][planted])
+
+
+def test_errors_use_irls_weights_and_a_degenerate_direction_nans_only_its_parameters(data):
+    import jax
+    import jax.numpy as jnp
+
+    from sheap_dask.lm import irls_weight
+    from sheap_dask.quality import Quality
+
+    wl, flux, ivar, _ = data
+    model = gauss_model()
+    dirty = _troughs(flux[4:6], ivar[4:6], [0, 1], depth=6.0)
+    out = fit_chunk(model, wl, dirty, ivar[4:6], options=ChunkOptions(method="lm", num_steps=100, dtype="float64", absorber_iterations=0))
+    for i in range(2):
+        err = 1.0 / np.sqrt(ivar[4 + i])
+        resid = lambda p: (model.func(jnp.asarray(wl), p) - dirty[i]) / err  # noqa: E731
+        p = jnp.asarray(out["params"][i])
+        J = np.asarray(jax.jacfwd(resid)(p))
+        w = np.asarray(irls_weight(resid(p) / 3.0))
+        expected = np.sqrt(np.diag(np.linalg.inv((J * w[:, None]).T @ J)))
+        np.testing.assert_allclose(out["params_err"][i], expected, rtol=1e-5)
+
+    # a line whose flux is 0 (here fixed there): its centre and width are undetermined and get
+    # NaN errors; the continuum keeps finite errors in the same row
+    import sheap_dask as sd
+    from problems import gauss_slope_func
+
+    params = (sd.Parameters().add("amp", 0.0, fixed=True).add("center", 5000.0, min=4980.0, max=5020.0)
+              .add("sigma", 6.0, min=1.0, max=30.0).add("c0", 0.5).add("c1", 0.0, min=-5.0, max=5.0))
+    no_line = sd.Model(gauss_slope_func, params, name="no_line")
+    continuum = 1.0 + 0.3 * (wl - 5000.0) / 100.0
+    flat = continuum[None] + 0.1 * np.random.default_rng(5).standard_normal((2, wl.size))
+    out = fit_chunk(no_line, wl, flat, np.full_like(flat, 100.0), options=ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none"))
+    err = dict(zip(no_line.param_names, out["params_err"][0]))
+    assert np.isnan(err["center"]) and np.isnan(err["sigma"]) and err["amp"] == 0.0
+    assert np.isfinite(err["c0"]) and np.isfinite(err["c1"]) and 0 < err["c0"] < 0.05
+    assert np.all(out["quality"] & Quality.ERRORS_UNDEFINED)
+    # a parameter ending on its bound is flagged, per parameter and in the bitmask
+    line = fit_chunk(model, wl, flat, np.full_like(flat, 100.0), options=ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none"))
+    pinned = line["at_bound"].any(axis=1)
+    np.testing.assert_array_equal(pinned, (line["quality"] & Quality.PARAM_AT_BOUND) > 0)

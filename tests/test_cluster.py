@@ -68,7 +68,7 @@ def test_local_cluster_matches_synchronous(ds, reference):
         # One program per worker (no straggler/restart/fallback shapes): after the first
         # chunk on a worker, fitting more spectra compiles nothing.
         single = dict(method="lm", num_steps=100, progress=False, fallback="none")
-        with dask.config.set({"sheap_dask.fit.lm_stage_iter": 0, "sheap_dask.fit.lm_restarts": False}):
+        with dask.config.set({"sheap_dask.fit.lm_slots": 0, "sheap_dask.fit.lm_restarts": False}):
             sd.fit_dataset(ds, gauss_model(), client=client, **single).compute()
             stats = client.run(compile_stats)
             sd.fit_dataset(gauss_dataset(64, chunk=8, seed=9), gauss_model(), client=client, **single).compute()

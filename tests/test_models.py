@@ -348,13 +348,3 @@ def test_other_region_initializers_finite_and_in_bounds(name):
     broad = [m.params.index(f"{c}_flux") for c in m.metadata["lines"][f"{name}_broad"]["components"]]
     ratio = init[:, broad].sum(1) / ds.true_params.values[:, broad].sum(1)
     assert np.all((ratio > 0.5) & (ratio < 2.0))
-
-
-def test_model_round_trips_through_cloudpickle():
-    cloudpickle = pytest.importorskip("cloudpickle")
-    m = sd.models.region("hbeta")
-    m2 = cloudpickle.loads(cloudpickle.dumps(m))
-    assert m2.fingerprint() == m.fingerprint() != sd.models.region("hbeta", n_broad=3).fingerprint()
-    x = jnp.linspace(4400.0, 5600.0, 64)
-    p = jnp.asarray(m.params.values)
-    np.testing.assert_allclose(jax.jit(m2.func)(x, p), jax.jit(m.func)(x, p), rtol=1e-12)

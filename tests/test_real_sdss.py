@@ -144,9 +144,9 @@ def test_rm017_oiii_constant_broad_hbeta_varies(hbeta):
 def test_galaxies_fit_without_crash(hbeta):
     g = hbeta.isel(spectrum=np.flatnonzero(~is_qso(hbeta)))
     assert set(text(g.specname.values)) == {"spec-0266-51602-0013", "spec-0266-51602-0107", "spec-0295-51585-0596"}
-    assert np.isin(g.status.values, [int(s) for s in Status]).all()
-    ok = np.isin(g.status.values, OK)
-    assert np.isfinite(g.params.values[ok]).all() and np.isfinite(g.redchi2.values[ok]).all()
+    # the galaxies are fitted (their narrow lines and continuum), not dropped or failed
+    assert np.isin(g.status.values, OK).all(), dict(zip(text(g.specname.values), g.status.values))
+    assert np.isfinite(g.params.values).all() and np.isfinite(g.redchi2.values).all()
 
 
 def test_halpha_quasars(halpha):

@@ -109,6 +109,9 @@ class Component:
         True for continuum components (listed in ``model.metadata["continuum"]``).
     info : dict
         Extra JSON-serialisable description (template name, reference wavelength, ...).
+    flux_params : tuple of str, optional
+        Local parameters proportional to the flux unit (``flux``, ``norm``, ``amplitude``);
+        ``None`` for a custom component: :func:`compose` then detects them on the model.
     """
 
     name: str
@@ -120,6 +123,7 @@ class Component:
     line_kind: str | None = None
     continuum: bool = False
     info: dict = field(default_factory=dict)
+    flux_params: tuple[str, ...] | None = None
 
     @property
     def param_names(self) -> list[str]:
@@ -205,7 +209,7 @@ def line(
         return _fn(wavelength, *[p[i] for i in range(p.shape[-1])], _rest)
 
     return Component(name, profile, func, tuple(specs), line=line_name or name, rest_wavelength=rest,
-                     line_kind=line_kind, info={"profile": profile})
+                     line_kind=line_kind, info={"profile": profile}, flux_params=("flux",))
 
 
 def powerlaw(name: str = "powerlaw", *, ref_wavelength: float = 5100.0, norm=(1.0, 0.0, None), index=(-1.5, -6.0, 4.0)) -> Component:
@@ -221,7 +225,7 @@ def powerlaw(name: str = "powerlaw", *, ref_wavelength: float = 5100.0, norm=(1.
         return _continuum.powerlaw(wavelength, p[0], p[1], _ref)
 
     return Component(name, "powerlaw", func, (_spec("norm", norm, (1.0, 0.0, None)), _spec("index", index, (-1.5, -6.0, 4.0))),
-                     continuum=True, info={"ref_wavelength": ref})
+                     continuum=True, info={"ref_wavelength": ref}, flux_params=("norm",))
 
 
 def polynomial(name: str = "poly", *, degree: int = 1, ref_wavelength: float = 5100.0, coeffs: Sequence | None = None) -> Component:
@@ -243,7 +247,8 @@ def polynomial(name: str = "poly", *, degree: int = 1, ref_wavelength: float = 5
         return _continuum.polynomial(wavelength, [p[i] for i in range(_n)], _ref)
 
     specs = tuple(ParamSpec(f"c{i}", float(c)) for i, c in enumerate(coeffs))
-    return Component(name, "polynomial", func, specs, continuum=True, info={"ref_wavelength": ref, "degree": degree})
+    return Component(name, "polynomial", func, specs, continuum=True, info={"ref_wavelength": ref, "degree": degree},
+                     flux_params=tuple(s.name for s in specs))
 
 
 def balmer_continuum(
@@ -265,7 +270,7 @@ def balmer_continuum(
 
     specs = (_spec("amplitude", amplitude, (1.0, 0.0, None)), _spec("temperature", temperature, (15000.0, 5000.0, 50000.0)),
              _spec("tau", tau, (1.0, 0.01, 10.0)))
-    return Component(name, "balmer_continuum", func, specs, continuum=True)
+    return Component(name, "balmer_continuum", func, specs, continuum=True, flux_params=("amplitude",))
 
 
 def feii_component(
@@ -312,7 +317,7 @@ def feii_component(
                 "template's FFT padding would wrap flux around; narrow the bounds."
             )
     return Component(name, "feii", func, specs, continuum=True,
-                     info={"template": tmpl.name, "norm_band": list(tmpl.norm_band), "template_obj": tmpl})
+                     info={"template": tmpl.name, "norm_band": list(tmpl.norm_band), "template_obj": tmpl}, flux_params=("amplitude",))
 
 
 # -- composition ---------------------------------------------------------------------------
@@ -416,6 +421,7 @@ def compose(
         entry = lines_meta.setdefault(c.line, {"rest_wavelength": c.rest_wavelength, "components": [], "kind": c.line_kind})
         entry["components"].append(c.name)
     meta = {
+        "param_units": {f"{c.name}_{sp.name}": _unit_template(c.kind, sp.name) for c in components for sp in c.params},
         "lines": lines_meta,
         "continuum": [c.name for c in components if c.continuum],
         "components": {
@@ -427,10 +433,27 @@ def compose(
         "continuum_ref_wavelength": next((c.info["ref_wavelength"] for c in components if c.kind == "powerlaw"), None),
     }
     meta.update(metadata or {})
+    # Built-in components declare their flux parameters and index their own slices of the
+    # parameter vector: the model needs no evaluation check. A custom one is checked.
+    declared = all(c.flux_params is not None for c in components)
+    flux_params = [f"{c.name}_{p}" for c in components for p in (c.flux_params or ())] if declared else None
     model = Model(model_func, params, name=name, window=window, initializer=initializer, components=comp_funcs,
-                  metadata=meta, description=description)
+                  metadata=meta, description=description, flux_params=flux_params, check=not declared)
     model.component_objects = {c.name: c for c in components}
     return model
+
+
+# Units of the built-in components' parameters; "{flux}" stands for the input's flux unit.
+_UNITS = {"flux": "{flux} Angstrom", "shift": "km/s", "fwhm": "km/s", "eta": "1", "skew": "1", "norm": "{flux}",
+          "index": "1", "temperature": "K", "tau": "1"}
+
+
+def _unit_template(kind: str, local: str) -> str:
+    if local == "amplitude":  # FeII: integrated flux in its band; Balmer: flux density at the edge
+        return "{flux} Angstrom" if kind == "feii" else "{flux}"
+    if kind == "polynomial":
+        return "{flux}"
+    return _UNITS.get(local, "")
 
 
 def _component_eval(fn: Callable, idx: np.ndarray) -> Callable:

@@ -60,7 +60,6 @@ only: the recipes' intrinsic scatter (``RECIPES[name].scatter_dex``) is not adde
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Sequence
@@ -70,6 +69,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputDataError, ModelError, OptionError
+from ..identity import LRUCache, token
 from ..parameters import _apply_op
 
 __all__ = [
@@ -375,14 +375,22 @@ def _continuum_fn(model, continuum: Sequence[str] | None):
 # ----------------------------------------------------------------------------------------
 # the Monte Carlo engine
 # ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
+_COMPILED = LRUCache(64)
+
+
 def _compiled(model, kind: str, key: tuple, n_samples: int, batch_size: int):
     """Jitted ``values(params, extra)`` and ``errors(params, err, lower, upper, index, extra, seed)``.
 
     ``kind``/``key`` select the per-spectrum function ``f(p, x) -> dict of scalars`` (``x`` a
-    per-spectrum scalar such as log10 of the luminosity factor). Cached per model object so
-    a second chunk of the same shape does not recompile.
+    per-spectrum scalar such as log10 of the luminosity factor). Cached by the model's
+    identity (LRU), so a second chunk of the same shape does not recompile and a changed
+    model never reuses a stale program.
     """
+    cache_key = (model.identity(), kind, token(key), n_samples, batch_size)
+    return _COMPILED.get_or_build(cache_key, lambda: _build_compiled(model, kind, key, n_samples, batch_size))[0]
+
+
+def _build_compiled(model, kind: str, key: tuple, n_samples: int, batch_size: int):
     import jax
     import jax.numpy as jnp
 
@@ -709,6 +717,16 @@ def line_profile(model, line: str, params, *, velocity_range: float | None = Non
 # ----------------------------------------------------------------------------------------
 # cosmology and luminosities
 # ----------------------------------------------------------------------------------------
+def cosmology(H0: float | None = None, Om0: float | None = None) -> tuple[float, float]:
+    """``(H0, Om0)``: the given values, else the configured ``sheap_dask.cosmology.H0/Om0``."""
+    from .. import config
+
+    H0 = float(config.resolve(H0, "cosmology.H0"))
+    Om0 = float(config.resolve(Om0, "cosmology.Om0"))
+    _check_cosmology(H0, Om0)
+    return H0, Om0
+
+
 def _check_cosmology(H0: float, Om0: float) -> None:
     if not (math.isfinite(H0) and H0 > 0):
         raise OptionError(f"H0={H0!r} must be a positive Hubble constant in km/s/Mpc (e.g. 70).")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._version import __version__
 from ..errors import ModelError
 from .lines import LINES, NII_RATIO, OIII_RATIO
 from .profiles import C_KMS
@@ -273,6 +274,15 @@ def region(
         description=f"sheap_dask {spec.description} ({int(n_broad)} broad Gaussians)",
     )
     model.initializer = make_initializer(model, spec, win)
+    # A built-in region is what its arguments and the package version say it is; templates
+    # count by content (two template arrays give two identities).
+    model.declared_identity = {
+        "region": name,
+        "arguments": {"n_broad": int(n_broad), "feii": bool(feii), "window": list(win), "share_narrow": bool(share_narrow),
+                      "balmer": bool(balmer), "oiii_wing": bool(oiii_wing)},
+        "templates": [c.info["template_obj"] for c in comps if "template_obj" in c.info],
+        "package_version": __version__,
+    }
     return model
 
 
