@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 PLAIN_FIT = Path(__file__).with_name("_plain_fit.py")
 
 import sheap_dask as sd  # noqa: E402
-from sheap_dask.fit import _NANNY_ENVIRON, _worker_env  # noqa: E402
+from sheap_dask.cluster import _NANNY_ENVIRON, _worker_env  # noqa: E402
 from sheap_dask.models import derived  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def local_cluster(n_workers: int = 2):
     """``LocalCluster(n_workers, threads_per_worker=1)`` with XLA sized to one core each."""
     from distributed import Client
 
-    from sheap_dask.fit import start_local_cluster
+    from sheap_dask.cluster import start_local_cluster
 
     with start_local_cluster(n_workers, 1) as cluster, Client(cluster) as client:
         yield client

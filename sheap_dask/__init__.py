@@ -27,10 +27,11 @@ _LAZY = {
     "find_model": "model",
     "fit_chunk": "chunk",
     "fit_dataset": "fit",
-    "start_local_cluster": "fit",
+    "start_local_cluster": "cluster",
 }
 _SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status",
-               "model", "cli", "synthetic", "lm", "astro", "identity", "options", "compiled", "quality"}
+               "model", "cli", "synthetic", "lm", "astro", "identity", "options", "compiled", "quality",
+               "cluster", "store", "inputs"}
 
 __all__ = ["__version__", *_LAZY, "models", "io"]
 

@@ -69,7 +69,7 @@ def test_lazy_with_client_nothing_computed_early(ds):
 
 
 def test_small_or_paused_workers_are_reported():
-    from sheap_dask.fit import _worker_problems
+    from sheap_dask.cluster import worker_problems as _worker_problems
 
     gib = 2**30
     fine = {"tcp://a": {"name": "w0", "memory_limit": 4 * gib, "status": "running"},
