@@ -2,7 +2,8 @@
 1e30 (ivar divided by its square) gives the same fit, fluxes scaled by the factor, with the
 solve in float32 or float64 (to 1e-4 relative; in practice to the last digits). Data rounded
 to float32 after scaling are different data (by ~1e-7 of each value): the fit then stays
-within a tenth of its errors."""
+within a tenth of its errors. The flux-unit strings of the input (sheap_dask.units) parse to
+their scale in erg/s/cm2/A."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 import xarray as xr
 
 import sheap_dask as sd
+from sheap_dask import units
 from sheap_dask.chunk import ChunkOptions, fit_chunk
+from sheap_dask.errors import InputDataError
 
 FACTORS = (1e-30, 1e-17, 1e17, 1e30)
 
@@ -95,3 +98,27 @@ def test_real_sdss_spectra_any_unit(shared_spectra, hbeta, dtype):
     assert ref["n_masked"].any()  # real spectra: the absorber rejection takes part
     for factor in FACTORS:
         assert_same_fit(hbeta, ref, fit_chunk(hbeta, wl, flux * factor, ivar / factor**2, redshift=z, options=options), factor)
+
+
+# ---------------------------------------------------------------------------------------
+# the flux-unit parser (sheap_dask.units)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text,scale",
+    [
+        ("1e-17 erg/s/cm2/A", 1e-17),
+        ("1E-17 erg/cm^2/s/Ang", 1e-17),
+        ("10^-17 erg s^-1 cm^-2 Angstrom^-1", 1e-17),
+        ("erg / (Angstrom cm2 s)", 1.0),
+        ("1e-16 erg/s/cm**2/AA", 1e-16),
+        ("1e-17 erg/s/cm2/A (nominal)", 1e-17),
+        ("W / (m2 nm)", 100.0),  # via astropy
+    ],
+)
+def test_parse_flux_unit(text, scale):
+    assert units.parse_flux_unit(text) == pytest.approx(scale, rel=1e-12)
+
+
+def test_parse_flux_unit_rejects_non_flux_density():
+    with pytest.raises(InputDataError, match="flux_unit="):
+        units.parse_flux_unit("Jy km/s")
