@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-from . import accessor  # noqa: F401  (registers the ds.sheap accessor; imports only xarray)
 from . import config as _config  # registers the defaults with dask.config
 from ._version import __version__
+from .explore import accessor as _accessor  # noqa: F401  (registers ds.sheap; imports no JAX)
 
 _config.warn_unknown_keys()
 
@@ -31,7 +31,7 @@ _LAZY = {
 }
 _SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status",
                "model", "cli", "synthetic", "lm", "astro", "identity", "options", "compiled", "quality",
-               "cluster", "store", "inputs"}
+               "cluster", "store", "inputs", "derived", "explore", "units"}
 
 __all__ = ["__version__", *_LAZY, "models", "io"]
 

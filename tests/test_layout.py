@@ -1,0 +1,90 @@
+"""The layering of DESIGN.md, read from the code's imports (function-level ones included), and
+the old import paths the README shows."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "sheap_dask"
+
+CORE = ("parameters", "loss", "lm", "minimizer", "slsqp", "slsqp_evaluator")
+DATASET_LAYER = ("fit", "store", "inputs", "cluster", "catalog", "explore", "accessor", "io", "cli")
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``sheap_dask`` module (or package) that the file imports, absolute."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("sheap_dask"))
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")
+            base = base[: len(base) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            if not target.startswith("sheap_dask"):
+                continue
+            out.add(target)
+            out.update(f"{target}.{a.name}" for a in node.names)  # `from . import fit` imports a module
+    return out
+
+
+IMPORTS = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _offenders(importers, forbidden) -> list[str]:
+    bad = []
+    for module, imported in IMPORTS.items():
+        if not any(module == f"sheap_dask.{m}" or module.startswith(f"sheap_dask.{m}.") for m in importers):
+            continue
+        for target in sorted(imported):
+            if any(target == f"sheap_dask.{f}" or target.startswith(f"sheap_dask.{f}.") for f in forbidden):
+                bad.append(f"{module} imports {target}")
+    return bad
+
+
+def test_the_core_never_imports_the_layers_above():
+    assert _offenders(CORE, ("chunk", "compiled", *DATASET_LAYER)) == []
+
+
+def test_models_and_derived_never_import_the_dataset_layer():
+    assert _offenders(("models", "derived", "units"), DATASET_LAYER) == []
+
+
+def test_nothing_below_explore_imports_it():
+    below = [m.removeprefix("sheap_dask.").split(".")[0] for m in IMPORTS if m != "sheap_dask"]
+    below = sorted(set(below) - {"explore", "accessor"})
+    assert _offenders(below, ("explore", "accessor")) == []
+
+
+@pytest.mark.parametrize(
+    "module,names",
+    [
+        ("sheap_dask.slsqp", ("SLSQP", "FitResult", "PushbackStrategy", "EDM", "LossEvaluator")),
+        ("sheap_dask.accessor", ("SheapAccessor", "register_model", "registered_model")),
+        ("sheap_dask.models.derived", ("fwhm", "bh_mass", "luminosity", "parse_flux_unit", "RECIPES")),
+    ],
+)
+def test_documented_import_paths_still_work(module, names):
+    imported = importlib.import_module(module)
+    assert [n for n in names if not hasattr(imported, n)] == []
+
+
+def test_import_registers_the_accessor_and_its_old_path():
+    import xarray as xr
+
+    import sheap_dask as sd
+    from sheap_dask.explore.accessor import SheapAccessor
+
+    assert sd.accessor.SheapAccessor is SheapAccessor
+    assert isinstance(xr.Dataset().sheap, SheapAccessor)
