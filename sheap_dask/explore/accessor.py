@@ -118,7 +118,7 @@ class SheapAccessor:
             ``flux_<line>``, ``fwhm_<line>``, ``sigma_<line>``, ``shift_<line>`` (peak),
             ``centroid_shift_<line>``, and ``ew_<line>`` when the model has a continuum.
         """
-        return _derived.measure(self._link, line, errors=errors, continuum=continuum, **options)
+        return _derived.measure(self._link, line, errors, continuum, options)
 
     def fwhm(self, line: str, *, errors: bool = False, **options):
         """FWHM (km/s) of a line's summed model profile, per spectrum.
@@ -195,10 +195,8 @@ class SheapAccessor:
         continuum : list of str, optional
             Continuum components (default: the model's, without FeII).
         """
-        return _derived.luminosity(
-            self._link, wavelength, quantity=quantity, log=log, errors=errors, redshift=redshift,
-            flux_unit=flux_unit, H0=H0, Om0=Om0, continuum=continuum, **options,
-        )  # fmt: skip
+        scale = _derived.Scale(redshift, flux_unit, H0, Om0)
+        return _derived.luminosity(self._link, wavelength, quantity, log, errors, continuum, scale, options)
 
     def line_luminosity(
         self,
@@ -213,9 +211,7 @@ class SheapAccessor:
         **options,
     ):
         """Line luminosity ``4π d_L² × flux`` (erg/s) of a line's summed profile. As :meth:`luminosity`."""
-        return _derived.line_luminosity(
-            self._link, line, log=log, errors=errors, redshift=redshift, flux_unit=flux_unit, H0=H0, Om0=Om0, **options
-        )
+        return _derived.line_luminosity(self._link, line, log, errors, _derived.Scale(redshift, flux_unit, H0, Om0), options)
 
     def bh_mass(
         self,
@@ -237,10 +233,8 @@ class SheapAccessor:
         errors only, without the recipe's intrinsic scatter (in the ``scatter_dex`` attr).
         Other arguments as :meth:`luminosity`.
         """
-        return _derived.bh_mass(
-            self._link, recipe, errors=errors, redshift=redshift, flux_unit=flux_unit, H0=H0, Om0=Om0,
-            continuum=continuum, **options,
-        )  # fmt: skip
+        scale = _derived.Scale(redshift, flux_unit, H0, Om0)
+        return _derived.bh_mass(self._link, recipe, errors, continuum, scale, options)
 
     # ------------------------------------------------------------------------------------
     # model curves and residuals

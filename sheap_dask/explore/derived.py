@@ -10,6 +10,8 @@ chunking.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -20,7 +22,7 @@ from ..derived import luminosity as _luminosity
 from ..errors import InputDataError, ModelError, OptionError
 from .link import Link
 
-__all__ = ["bh_mass", "ew", "line_luminosity", "line_quantity", "luminosity", "measure", "shift"]
+__all__ = ["Scale", "bh_mass", "ew", "line_luminosity", "line_quantity", "luminosity", "measure", "shift"]
 
 _ERR_DOC = (
     "Monte Carlo: free parameters drawn from independent Gaussians with params_err, clipped into bounds, "
@@ -162,7 +164,7 @@ def _continuum_or_none(model):
         return None
 
 
-def measure(link: Link, line: str, *, errors: bool = False, continuum: Sequence[str] | None = None, **options) -> xr.Dataset:
+def measure(link: Link, line: str, errors: bool, continuum: Sequence[str] | None, options: dict) -> xr.Dataset:
     """All profile measurements of a line in one pass (see ``SheapAccessor.measure``)."""
     model = link.get_model()
     lines.line_info(model, line)
@@ -218,29 +220,33 @@ def shift(link: Link, line: str, method: str, errors: bool, options: dict):
 # ----------------------------------------------------------------------------------------
 # luminosities and black-hole masses
 # ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scale:
+    """How a flux becomes a luminosity: redshift (``None``: the result's), flux unit, cosmology.
+
+    ``flux_unit`` ``None`` means the input's (see ``Link.flux_unit_for``); ``H0``/``Om0``
+    ``None`` the configured flat ΛCDM cosmology.
+    """
+
+    redshift: Any = None
+    flux_unit: float | str | None = None
+    H0: float | None = None
+    Om0: float | None = None
+
+    def cosmology(self) -> tuple[float, float]:
+        return _luminosity.cosmology(self.H0, self.Om0)
+
+
 def _cosmo_attrs(H0, Om0, flux_unit) -> dict:
     return {"cosmology": f"flat LambdaCDM H0={H0:g} Om0={Om0:g}", "flux_unit": f"{flux_unit:g} erg/s/cm2/Angstrom"}
 
 
-def luminosity(
-    link: Link,
-    wavelength: float,
-    *,
-    quantity: str = "lambda_l_lambda",
-    log: bool = False,
-    errors: bool = False,
-    redshift=None,
-    flux_unit: float | str | None = None,
-    H0: float | None = None,
-    Om0: float | None = None,
-    continuum: Sequence[str] | None = None,
-    **options,
-):
+def luminosity(link: Link, wavelength: float, quantity: str, log: bool, errors: bool, continuum, scale: Scale, options: dict):
     """Continuum luminosity at a rest wavelength (see ``SheapAccessor.luminosity``)."""
-    H0, Om0 = _luminosity.cosmology(H0, Om0)
+    H0, Om0 = scale.cosmology()
     model = link.get_model()
     lines.continuum_names(model, continuum)
-    unit = link.flux_unit_for(flux_unit)
+    unit = link.flux_unit_for(scale.flux_unit)
     tag = f"{float(wavelength):g}"
     if quantity == "lambda_l_lambda":
         name, units, long_name = f"lambda_l_lambda_{tag}", "erg/s", f"continuum lambda L_lambda at {tag} Angstrom (rest)"
@@ -259,26 +265,15 @@ def luminosity(
         )  # fmt: skip
         return _stack([_maybe_log(v, s, log)])
 
-    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=redshift), errors)
+    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
 
 
-def line_luminosity(
-    link: Link,
-    line: str,
-    *,
-    log: bool = False,
-    errors: bool = False,
-    redshift=None,
-    flux_unit: float | str | None = None,
-    H0: float | None = None,
-    Om0: float | None = None,
-    **options,
-):
+def line_luminosity(link: Link, line: str, log: bool, errors: bool, scale: Scale, options: dict):
     """Line luminosity of a line's summed profile (see ``SheapAccessor.line_luminosity``)."""
-    H0, Om0 = _luminosity.cosmology(H0, Om0)
+    H0, Om0 = scale.cosmology()
     model = link.get_model()
     lines.line_info(model, line)
-    unit = link.flux_unit_for(flux_unit)
+    unit = link.flux_unit_for(scale.flux_unit)
     name, units = f"luminosity_{line}", "erg/s"
     if log:
         name, units = "log_" + name, "log10(erg/s)"
@@ -290,32 +285,21 @@ def line_luminosity(
         )
         return _stack([_maybe_log(v, s, log)])
 
-    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=redshift), errors)
+    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
 
 
-def bh_mass(
-    link: Link,
-    recipe: str,
-    *,
-    errors: bool = False,
-    redshift=None,
-    flux_unit: float | str | None = None,
-    H0: float | None = None,
-    Om0: float | None = None,
-    continuum: Sequence[str] | None = None,
-    **options,
-):
+def bh_mass(link: Link, recipe: str, errors: bool, continuum, scale: Scale, options: dict):
     """Single-epoch virial black-hole mass (see ``SheapAccessor.bh_mass``)."""
     recipes = _bh_mass.RECIPES
     if recipe not in recipes:
         raise OptionError(f"unknown black-hole mass recipe {recipe!r}; use one of {', '.join(recipes)}.")
     r = recipes[recipe]
-    H0, Om0 = _luminosity.cosmology(H0, Om0)
+    H0, Om0 = scale.cosmology()
     model = link.get_model()
     lines.line_info(model, r.line)
     if r.luminosity == "continuum":
         lines.continuum_names(model, continuum)
-    unit = link.flux_unit_for(flux_unit)
+    unit = link.flux_unit_for(scale.flux_unit)
     attrs = {
         "long_name": f"single-epoch black-hole mass ({recipe})",
         "units": "log10(M/M_sun)",
@@ -331,4 +315,5 @@ def bh_mass(
         )  # fmt: skip
         return _stack([(v, s)])
 
-    return _one(_apply(link, compute, [f"log_mbh_{recipe}"], [attrs], errors=errors, needs_z=True, redshift=redshift), errors)
+    name = f"log_mbh_{recipe}"
+    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
