@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,38 @@ def test_import_registers_the_accessor_and_its_old_path():
 
     assert sd.accessor.SheapAccessor is SheapAccessor
     assert isinstance(xr.Dataset().sheap, SheapAccessor)
+
+
+def _readme_tree() -> set[str]:
+    """The files named in the README's "Where things are" tree, as paths under the package."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- section:layout -->", 1)[1].split("```", 2)[1]
+    paths, folders = set(), []
+    for line in block.splitlines()[1:]:
+        if not line.strip() or line.strip() == "sheap_dask/":
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2 - 1
+        name = line.split()[0]
+        folders = folders[:depth]
+        if name.endswith("/"):
+            folders.append(name.rstrip("/"))
+        else:
+            paths.add("/".join([*folders, name]))
+    return paths
+
+
+def _committed_modules() -> set[str]:
+    """The package's modules that git tracks (files still being written are not in the tree yet)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "*.py"], cwd=PACKAGE, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")}
+    return {line for line in out.splitlines() if (PACKAGE / line).exists()}
+
+
+def test_readme_lists_every_module():
+    listed = _readme_tree()
+    modules = _committed_modules()
+    # a sub-package's __init__.py is its folder's line
+    modules = {m for m in modules if not (m.endswith("/__init__.py") and m.count("/") == 1 and m not in listed)}
+    assert sorted(modules - listed) == [] and sorted(listed - modules) == []
