@@ -29,10 +29,12 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 
 from .compiled import _STATS, compile_stats, get_compiled
+from .coverage import coverage
 from .errors import InputDataError
 from .options import ChunkOptions, check_penalty
 from .quality import Quality
@@ -57,15 +59,48 @@ RESULT_VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
     "at_bound": (("param",), "bool"),
     "n_masked": ((), "int32"),
     "flux_scale": ((), "float64"),
+    "params_cov": (("param", "param2"), "float64"),
 }
 
 
-def result_variables(options: ChunkOptions) -> dict[str, tuple[tuple[str, ...], str]]:
-    """The variables :func:`fit_chunk` returns with these options (``loss_history`` on demand)."""
+# per line of the model's line catalogue (metadata["lines"]), when it has one
+LINE_VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
+    "line_flux": (("line",), "float64"),
+    "line_flux_err": (("line",), "float64"),
+    "line_detected": (("line",), "bool"),
+}
+
+
+def model_lines(model) -> dict[str, list[str]]:
+    """line name -> the flux parameters that add up to its flux (from ``metadata["lines"]``)."""
+    lines = model.metadata.get("lines", {}) if isinstance(model.metadata, Mapping) else {}
+    out = {}
+    for name, info in lines.items():
+        params = [f"{c}_flux" for c in (info or {}).get("components", []) if f"{c}_flux" in model.params.names]
+        if params:
+            out[name] = params
+    return out
+
+
+def result_variables(options: ChunkOptions, model=None) -> dict[str, tuple[tuple[str, ...], str]]:
+    """The variables :func:`fit_chunk` returns for ``model`` with these options: per line
+    when the model has a line catalogue, ``loss_history`` on demand."""
     out = dict(RESULT_VARIABLES)
+    if model is not None and model_lines(model):
+        out.update(LINE_VARIABLES)
     if options.return_history:
         out["loss_history"] = (("step",), "float64")
     return out
+
+
+def result_sizes(options: ChunkOptions, model) -> dict[str, int]:
+    """Sizes of the dimensions beyond ``spectrum`` of :func:`result_variables`."""
+    sizes = {"param": model.n_params, "param2": model.n_params}
+    if model_lines(model):
+        sizes["line"] = len(model_lines(model))
+    if options.return_history:
+        sizes["step"] = int(options.num_steps)
+    return sizes
 
 
 def fit_chunk(
@@ -118,7 +153,10 @@ def fit_chunk(
     options = (options or ChunkOptions()).resolved()
     check_penalty(options, penalty_function)
     traces_before, t0 = compile_stats()["traces"], time.perf_counter()
-    out = _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    if getattr(model, "continuum_stage", None) is not None:
+        out = _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    else:
+        out = _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
     compiled = compile_stats()["traces"] != traces_before
     _STATS["chunks"] += 1
     if compiled:
@@ -151,18 +189,19 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     with np.errstate(all="ignore"):
         wl, flux, ivar, z_ok = _to_rest_frame(wavelength, flux, ivar, redshift)
         usable = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
-        coverage = np.ones(n_spec)
-        if model.window is not None:
-            usable &= (wl >= model.window[0]) & (wl <= model.window[1])
-            coverage = _window_coverage(wl, usable, model.window)
+        covered, incomplete = coverage(model, wl, usable, minimum=options.coverage_min, flag=options.coverage_flag,
+                                       line=options.coverage_line, continuum=options.coverage_continuum)
+        if model.windows:
+            wl2 = np.broadcast_to(wl, usable.shape)
+            usable &= np.any([(wl2 >= lo) & (wl2 <= hi) for lo, hi in model.windows], axis=0)
         n_usable = usable.sum(axis=1)
-        good = z_ok & (n_usable >= n_free + int(options.min_extra_pixels)) & (coverage >= options.coverage_min)
+        good = z_ok & (n_usable >= n_free + int(options.min_extra_pixels)) & covered
         errors = np.where(usable, 1.0 / np.sqrt(np.where(usable, ivar, 1.0)), np.inf)
         raw_flux = np.where(usable, flux, 0.0)
 
-    out = _empty_result(n_spec, n_params, options)
+    out = _empty_result(n_spec, model, options)
     out["dof"][:] = np.maximum(n_usable - n_free, 0)
-    out["quality"][coverage < options.coverage_flag] |= Quality.WINDOW_INCOMPLETE
+    out["quality"][incomplete] |= Quality.WINDOW_INCOMPLETE
     good_idx = np.flatnonzero(good)
     if good_idx.size == 0:
         logger.info("chunk of %d spectra: none has enough usable pixels", n_spec)
@@ -181,7 +220,7 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     upper = _round_bits(compiled.upper[None, :] / param_scale)
     chunk = _Chunk(
         wl=wl, flux=_round_bits(raw_flux / scale[:, None]), errors=_round_bits(errors / scale[:, None]), lower=lower, upper=upper,
-        start=_clip_inside(_round_bits(start / param_scale), lower, upper), good=good, batch=batch, n_usable=n_usable,
+        start=_clip_inside(_sane_start(_round_bits(start / param_scale), model), lower, upper), good=good, batch=batch, n_usable=n_usable,
         dtype=np.dtype(options.dtype),
     )
 
@@ -212,12 +251,70 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
             _run_fallback(retry, out, jtwj, compiled, chunk, options)
 
     _finish_quality(out, good, compiled, chunk, options)
-    err, undefined = _parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower)
+    err, undefined, cov = _parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower)
     out["quality"][undefined] |= Quality.ERRORS_UNDEFINED
     # back to the input's unit
     out["params"] *= param_scale
     out["params_err"] = err * param_scale
+    out["params_cov"] = cov * param_scale[:, :, None] * param_scale[:, None, :]
     out["flux_scale"][good] = scale[good]
+    _line_fluxes(out, model, options)
+    return out
+
+
+def _line_fluxes(out, model, options) -> None:
+    """Each line's flux (the sum of its components' fluxes), its error from the covariance
+    (correlations between the components included) and whether it is detected: flux /
+    error >= ``sheap_dask.lines.detection_sigma``. The quality bits say when a main line of
+    the model (``metadata["main_lines"]``, default every line) is not detected."""
+    lines = model_lines(model)
+    if not lines:
+        return
+    names = model.param_names
+    weights = np.zeros((len(lines), len(names)))
+    for k, params in enumerate(lines.values()):
+        weights[k, [names.index(p) for p in params]] = 1.0
+    with np.errstate(invalid="ignore"):
+        out["line_flux"] = out["params"] @ weights.T
+        var = np.einsum("kp,npq,kq->nk", weights, out["params_cov"], weights)
+        out["line_flux_err"] = np.sqrt(np.where(var >= 0, var, np.nan))
+        significance = out["line_flux"] / out["line_flux_err"]
+    out["line_detected"] = np.nan_to_num(significance, nan=0.0) >= options.detection_sigma
+    meta = model.metadata.get("lines", {})
+    main = model.metadata.get("main_lines") or list(lines)
+    fitted = np.isin(out["status"], [s.value for s in Status if s.ok])
+    for k, name in enumerate(lines):
+        if name not in main:
+            continue
+        bit = Quality.BROAD_LINE_UNDETECTED if (meta.get(name) or {}).get("kind") == "broad" else Quality.NARROW_LINE_UNDETECTED
+        out["quality"][fitted & ~out["line_detected"][:, k]] |= bit
+
+
+def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function) -> dict[str, np.ndarray]:
+    """A model with a continuum stage: the continuum on its line-free windows first, then the
+    lines with the continuum fixed at what the first stage found (see ContinuumStage)."""
+    stage = model.continuum_stage
+    names = model.param_names
+    cont_idx = np.array([names.index(n) for n in stage.model.param_names])
+    n_spec = np.shape(flux)[0]
+    init = None if init is None else np.asarray(init, dtype=np.float64)
+    first = _fit_chunk(stage.model, wavelength, flux, ivar, redshift, None if init is None else init[:, cont_idx], options, pad_to,
+                       penalty_function)
+    start = np.full((n_spec, len(names)), np.nan) if init is None else init.copy()
+    start[:, cont_idx] = first["params"]
+    second = _fit_chunk(model.line_stage(), wavelength, flux, ivar, redshift, start, options, pad_to, penalty_function)
+    # a continuum that did not converge (or could not be fitted) is the spectrum's status
+    out = second
+    failed = ~np.isin(first["status"], [s.value for s in Status if s.ok])
+    out["status"] = np.where(failed, first["status"], second["status"]).astype(np.int8)
+    out["params_err"][:, cont_idx] = first["params_err"]
+    out["params_cov"][:, cont_idx[:, None], cont_idx[None, :]] = first["params_cov"]
+    out["at_bound"][:, cont_idx] |= first["at_bound"]
+    out["quality"] |= first["quality"] & ~(Quality.BROAD_LINE_UNDETECTED | Quality.NARROW_LINE_UNDETECTED)
+    out["n_iter"] += first["n_iter"]
+    no_data = out["status"] == Status.NO_DATA
+    for name in ("params", "params_err", "params_cov", "loss", "chi2", "redchi2"):
+        out[name][no_data] = np.nan
     return out
 
 
@@ -299,14 +396,14 @@ def _to_rest_frame(wavelength, flux, ivar, redshift):
     return wl, flux * opz, ivar / opz**2, z_ok
 
 
-def _window_coverage(wl, usable, window) -> np.ndarray:
-    """Fraction of the model's window spanned by each spectrum's usable pixels (the range
-    from the bluest to the reddest usable pixel; interior gaps do not count)."""
-    wl2 = np.broadcast_to(wl, usable.shape)
-    lo = np.min(np.where(usable, wl2, np.inf), axis=1)
-    hi = np.max(np.where(usable, wl2, -np.inf), axis=1)
-    span = np.clip(np.minimum(hi, window[1]) - np.maximum(lo, window[0]), 0.0, None)
-    return np.where(np.isfinite(span), span / (window[1] - window[0]), 0.0)
+def _sane_start(start: np.ndarray, model) -> np.ndarray:
+    """Starting values the solver can use: non-finite ones from the model's defaults, and
+    a flux parameter beyond 1e6 times its spectrum's unit (an initializer's linear solve
+    on a barely covered line) capped there."""
+    default = np.broadcast_to(np.asarray(model.params.values, dtype=np.float64), start.shape)
+    start = np.where(np.isfinite(start), start, default)
+    flux = np.isin(model.param_names, list(model.flux_params))
+    return np.where(flux[None, :], np.clip(start, -1e6, 1e6), start)
 
 
 def _round_bits(x: np.ndarray, bits: int = 20) -> np.ndarray:
@@ -328,10 +425,11 @@ def _flux_scale(flux, errors, usable, good) -> np.ndarray:
     return np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
 
 
-def _empty_result(n_spec: int, n_params: int, options: ChunkOptions) -> dict[str, np.ndarray]:
+def _empty_result(n_spec: int, model, options: ChunkOptions) -> dict[str, np.ndarray]:
     out = {}
-    for name, (dims, dtype) in result_variables(options).items():
-        shape = (n_spec, n_params) if dims == ("param",) else (n_spec, int(options.num_steps)) if dims == ("step",) else (n_spec,)
+    sizes = result_sizes(options, model)
+    for name, (dims, dtype) in result_variables(options, model).items():
+        shape = (n_spec, *(sizes[d] for d in dims))
         if dtype.startswith("float"):
             out[name] = np.full(shape, np.nan, dtype=dtype)
         elif dtype == "<U8":
@@ -604,7 +702,7 @@ def _finish_quality(out, good, compiled, chunk: _Chunk, options) -> None:
         out["quality"][outlier] |= Quality.CHI2_OUTLIER
 
 
-def _parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np.ndarray]:
+def _parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """1-sigma errors sqrt(diag(E C E^T)) with C the covariance of the free parameters and
     ``(undefined,)`` per spectrum: NaN only for parameters along a degenerate direction.
 
@@ -612,25 +710,30 @@ def _parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, n
     a parameter with a non-negligible component along a null direction gets NaN, the others
     keep finite errors); tied parameters follow their source, fixed ones are 0. An error
     wider than the parameter's allowed range (``span``, per spectrum) says only that the data
-    do not constrain it: it is NaN too.
+    do not constrain it: it is NaN too. Also returns the covariance E C E^T of all
+    parameters (NaN rows and columns for the undefined ones).
     """
     import jax
 
     from .lm import lm_covariance
 
     n_spec = jtwj.shape[0]
-    err = np.full((n_spec, compiled.n_params), np.nan)
+    n_params = compiled.n_params
+    err = np.full((n_spec, n_params), np.nan)
+    cov_all = np.full((n_spec, n_params, n_params), np.nan)
     undefined = np.zeros(n_spec, dtype=bool)
     ok = np.all(np.isfinite(jtwj.reshape(n_spec, -1)), axis=1) & np.isin(out["status"], [s.value for s in Status if s.ok])
     if not ok.any() or compiled.n_free == 0:
         err[ok] = 0.0
-        return err, undefined
+        cov_all[ok] = 0.0
+        return err, undefined, cov_all
     with jax.enable_x64(True):
         cov = np.asarray(lm_covariance(np.asarray(jtwj[ok], dtype=np.float64)), dtype=np.float64)
     bad_free = np.isnan(np.einsum("nii->ni", cov))
     E = compiled.embed_matrix
     with np.errstate(all="ignore"):
-        e = np.sqrt(np.clip(np.einsum("ij,njk,ik->ni", E, np.nan_to_num(cov), E), 0, None))
+        full = np.einsum("ij,njk,lk->nil", E, np.nan_to_num(cov), E)
+        e = np.sqrt(np.clip(np.einsum("nii->ni", full), 0, None))
     # a parameter is undefined when any free parameter it depends on is
     e[(bad_free.astype(float) @ (E.T != 0)) > 0] = np.nan
     if options.error_scale == "redchi2":
@@ -639,6 +742,11 @@ def _parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, n
         unconstrained = e > span[ok]
     e[unconstrained] = np.nan
     e[:, compiled.embed_fixed_mask] = 0.0
+    nan = np.isnan(e)
+    full[nan[:, :, None] | nan[:, None, :]] = np.nan
+    if options.error_scale == "redchi2":
+        full = full * np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan)[:, None, None]
     err[ok] = e
+    cov_all[ok] = full
     undefined[ok] = bad_free.any(axis=1) | unconstrained.any(axis=1)
-    return err, undefined
+    return err, undefined, cov_all

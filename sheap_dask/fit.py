@@ -22,13 +22,13 @@ import xarray as xr
 
 from . import config
 from ._version import __version__
-from .chunk import ChunkOptions, fit_chunk, result_variables
+from .chunk import ChunkOptions, fit_chunk, model_lines, result_sizes, result_variables
 from .cluster import compute, resolve_client, worker_problems
-from .errors import ClusterWarning, InputDataError, OptionError
-from .inputs import Inputs, open_store, prepare_init, prepare_inputs
+from .errors import ClusterWarning, InputDataError, NoDataWarning, OptionError
+from .inputs import Inputs, no_data_cause, open_store, prepare_init, prepare_inputs
 from .options import check_penalty
 from .quality import quality_attrs
-from .status import status_attrs
+from .status import Status, status_attrs
 from .store import fit_to_store
 
 logger = logging.getLogger("sheap_dask.fit")
@@ -63,6 +63,7 @@ def fit_dataset(
     init: xr.DataArray | Mapping | None = None,
     store: str | os.PathLike | None = None,
     resume: bool | None = None,
+    force: bool = False,
     client=None,
     progress: bool | None = None,
     return_history: bool | None = None,
@@ -109,8 +110,20 @@ def fit_dataset(
         model's data-driven initializer.
     store : str or path, optional
         Stream results into this zarr store chunk by chunk and return it opened lazily.
+        A path that exists must be empty or a fit store: anything else (a file, a directory
+        or zarr store sheap_dask did not write, the input or a path containing it) is
+        refused and left untouched. One process writes a store at a time (a lock file with
+        a heartbeat, ``<store>/sheap_lock.json``); a second one is refused with the holder's
+        pid and host. See the README's section "Stores and resume".
     resume : bool
-        With ``store``: fit only the chunks not yet recorded as done.
+        With ``store``: fit only the chunks not yet recorded as done, after checking the
+        model, the options and the input against the store's (a difference is refused, named
+        one line each) and every done chunk against the checksum recorded with its marker (a
+        chunk that fails is refitted, with a ``ResumeWarning``). ``False`` replaces an
+        existing fit store.
+    force : bool
+        With ``store``: break a stale lock (one whose heartbeat stopped
+        ``sheap_dask.store.lock_stale_after`` seconds ago: its writer was killed).
     client : distributed.Client, optional
         Cluster to use; default the current client, else a ``LocalCluster`` started (one
         single-threaded worker per core) and closed here. With ``dask.config.set(scheduler=
@@ -138,6 +151,12 @@ def fit_dataset(
 
     Warns
     -----
+    NoDataWarning
+        Every spectrum has status ``no_data``: the message compares the observed and
+        rest-frame wavelength ranges with the model's window and names the likely cause
+        (wavelengths not in Angstrom, a redshift that puts the window off the spectra, ...).
+    ResumeWarning
+        A chunk marked done in ``store`` failed its check and is refitted.
     ClusterWarning
         Before anything is submitted, for workers whose memory limit is below
         ``sheap_dask.worker.min_memory`` (2 GiB: a JAX worker holds ~0.75 GiB once a model is
@@ -205,7 +224,10 @@ def fit_dataset(
     try:
         if store is not None:
             template = _build_lazy(inputs, init_da, model, options, attrs, penalty_function)
-            result = fit_to_store(inputs, init_da, template, _output_specs(options), model, options, str(store), resume, client, progress, penalty_function, storage_options)
+            names = {"flux": flux, "ivar": None if flux_err is not None else ivar, "flux_err": flux_err, "wavelength": wavelength, "dim": dim,
+                     "redshift": redshift if inputs.redshift is not None else None}
+            result = fit_to_store(inputs, init_da, template, _output_specs(options, model), model, options, store, resume, client, progress,
+                                  penalty_function, storage_options, force=force, source=source, names=names)
         else:
             result = _build_lazy(inputs, init_da, model, options, attrs, penalty_function)
             if own_cluster is not None or client is None:
@@ -215,6 +237,10 @@ def fit_dataset(
         if own_cluster is not None:
             client.close()
             own_cluster.close()
+    if store is not None or own_cluster is not None or client is None:  # computed: the statuses are known
+        status = np.asarray(result["status"].values)
+        if status.size and np.all(status == Status.NO_DATA):
+            warnings.warn(no_data_cause(inputs, model), NoDataWarning, stacklevel=2)
     return result
 
 
@@ -246,11 +272,11 @@ def _block(flux, ivar, z, init, *extra, model, wavelength, options, pad_to, has_
         pad_to=pad_to,
         penalty_function=penalty_function,
     )
-    return tuple(out[name] for name in result_variables(options))
+    return tuple(out[name] for name in result_variables(options, model))
 
 
-def _output_specs(options: ChunkOptions) -> list[tuple[str, tuple[str, ...], str]]:
-    return [(name, dims, dtype) for name, (dims, dtype) in result_variables(options).items()]
+def _output_specs(options: ChunkOptions, model) -> list[tuple[str, tuple[str, ...], str]]:
+    return [(name, dims, dtype) for name, (dims, dtype) in result_variables(options, model).items()]
 
 
 def _build_lazy(inputs: Inputs, init_da, model, options, attrs, penalty_function) -> xr.Dataset:
@@ -261,7 +287,7 @@ def _build_lazy(inputs: Inputs, init_da, model, options, attrs, penalty_function
     if inputs.wavelength_2d is not None:
         args.append(inputs.wavelength_2d)
         core_in.append([wl_dim])
-    specs = _output_specs(options)
+    specs = _output_specs(options, model)
     outputs = xr.apply_ufunc(
         _block,
         *args,
@@ -269,7 +295,7 @@ def _build_lazy(inputs: Inputs, init_da, model, options, attrs, penalty_function
         output_core_dims=[list(dims) for _, dims, _ in specs],
         dask="parallelized",
         output_dtypes=[np.dtype(dt) for _, _, dt in specs],
-        dask_gufunc_kwargs={"output_sizes": {"param": model.n_params, **({"step": int(options.num_steps)} if options.return_history else {})}},
+        dask_gufunc_kwargs={"output_sizes": result_sizes(options, model)},
         kwargs=dict(
             model=model,
             wavelength=inputs.wavelength_values,
@@ -299,7 +325,9 @@ def _decorate(result: xr.Dataset, inputs: Inputs, model, attrs) -> xr.Dataset:
         templates.get(name, "{flux} (scales with the flux)" if name in model.flux_params else "").replace("{flux}", flux_unit)
         for name in params.names
     ]
-    result = result.assign_coords(param_units=("param", np.asarray(units, dtype=str)))
+    result = result.assign_coords(param_units=("param", np.asarray(units, dtype=str)), param2=("param2", list(params.names)))
+    if "line" in result.dims:
+        result = result.assign_coords(line=("line", list(model_lines(model))))
     result = result.assign_coords({name: var for name, var in inputs.coords.items()})
     result["status"].attrs.update(status_attrs())
     result["quality"].attrs.update(quality_attrs())
@@ -326,6 +354,10 @@ _DESCRIPTIONS = {
     "n_iter": ("iterations (batched solve) or function evaluations (fallback) used", "1"),
     "at_bound": ("the parameter ended within restart_pinned_tolerance of a bound", None),
     "n_masked": ("pixels masked as absorbers (narrow troughs far below the model)", "1"),
+    "params_cov": ("covariance of the parameters (param x param2) in the input's units; NaN where undefined", None),
+    "line_flux": ("flux of each line: the sum of its components' fluxes", "{flux} Angstrom"),
+    "line_flux_err": ("1-sigma error of line_flux from the parameter covariance", "{flux} Angstrom"),
+    "line_detected": ("the line's flux / error reaches sheap_dask.lines.detection_sigma", None),
     "flux_scale": ("the spectrum's flux unit inside the fit (median of max(|flux|, error)); parameters are reported in the input's unit", "{flux}"),
     "loss_history": ("loss per step of the batched solve, padded after convergence", "1"),
 }

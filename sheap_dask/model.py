@@ -26,14 +26,14 @@ import numpy as np
 from .errors import ModelError
 from .identity import Tokenizer
 
-__all__ = ["Model", "find_model", "ModelIdentityWarning"]
+__all__ = ["Model", "ContinuumStage", "find_model", "ModelIdentityWarning"]
 
 # Models alive in this process, so a fit result can find the model that made it by identity
 # without the Dataset layer registering anything (weak: dropping a model frees it).
 _LIVE: weakref.WeakSet = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
 # Attributes behind the cached part of the identity (setting one drops the cache).
-_DEFINING = frozenset({"func", "initializer", "components", "declared_identity"})
+_DEFINING = frozenset({"func", "initializer", "components", "declared_identity", "params", "continuum_stage", "windows"})
 
 
 class ModelIdentityWarning(UserWarning):
@@ -68,9 +68,11 @@ class Model:
         Names, initial values, bounds, ties and fixed values.
     name : str, optional
         Short name used in result attrs and logs; default ``func.__name__``.
-    window : (float, float), optional
-        Rest-frame wavelength range fitted, in Angstrom. Pixels outside get zero weight,
-        so a full spectrum can be passed as it is. ``None`` fits every pixel.
+    window : (float, float) or sequence of them, optional
+        Rest-frame wavelength range(s) fitted, in Angstrom. Pixels outside get zero weight,
+        so a full spectrum can be passed as it is. ``None`` fits every pixel. With several
+        ranges (e.g. line-free continuum windows), ``model.windows`` holds them and
+        ``model.window`` their hull.
     initializer : callable, optional
         ``initializer(wavelength, flux, ivar) -> (n_spectra, n_params)`` physical initial
         values estimated from the data, vectorized over spectra (wavelength is (n_pix,) or
@@ -92,6 +94,10 @@ class Model:
     version : str, optional
         Declared version, part of the identity. Set it when the model's output depends on
         something its identity cannot see (a file read at call time, a C extension's state).
+    continuum_stage : ContinuumStage, optional
+        Fit a continuum model on line-free windows first, then this model with the
+        continuum's parameters fixed at those values (the pseudo-continuum method of the
+        quasar catalogues): see :class:`ContinuumStage`.
     check : bool
         Evaluate the model once on its own window and parameter values when it is built, so
         an out-of-range parameter index (which JAX clamps silently) or a non-vmappable
@@ -121,6 +127,7 @@ class Model:
         description: str | None = None,
         flux_params: Sequence[str] | None = None,
         version: str | None = None,
+        continuum_stage: ContinuumStage | None = None,
         check: bool = True,
     ) -> None:
         if not callable(func):
@@ -132,22 +139,23 @@ class Model:
             )
         if len(params.names) == 0:
             raise ModelError("Model(params=...) has no parameters; add at least one with Parameters.add(...).")
-        if window is not None:
-            window = (float(window[0]), float(window[1]))
-            if not window[0] < window[1]:
-                raise ModelError(f"Model(window={window}) must be (low, high) with low < high, in Angstrom.")
+        windows = _windows(window, "window")
         if version is not None and not isinstance(version, str):
             raise ModelError(f"Model(version={version!r}) must be a string, e.g. version='2'.")
         self.func = func
         self.params = params
         self.name = name or getattr(func, "__name__", "model")
-        self.window = window
+        self.windows = windows
+        self.window = (min(w[0] for w in windows), max(w[1] for w in windows)) if windows else None
         self.initializer = initializer
         self.components = dict(components or {})
         self.metadata = dict(metadata or {})
         self.description = description or f"sheap_dask.Model {self.name!r} with {len(params.names)} parameters"
         self.version = version
         self.declared_identity = None
+        if continuum_stage is not None:
+            continuum_stage.check(params)
+        self.continuum_stage = continuum_stage
         if flux_params is not None:
             flux_params = tuple(str(p) for p in flux_params)
             unknown = [p for p in flux_params if p not in params.names]
@@ -171,14 +179,19 @@ class Model:
         # same there, and a test checks that it is.
         state = dict(self.__dict__)
         state.pop("_token", None)
-        state.pop("_uncaptured", None)
+        state.pop("_line_stage", None)
         return state
+
+    def __sheap_identity__(self) -> str:
+        return self.identity()
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("version", None)
         self.__dict__.setdefault("declared_identity", None)
         self.__dict__.setdefault("flux_params", ())
+        self.__dict__.setdefault("continuum_stage", None)
+        self.__dict__.setdefault("windows", (self.window,) if self.window else ())
         with _LIVE_LOCK:
             _LIVE.add(self)
 
@@ -205,6 +218,8 @@ class Model:
             "name": self.name,
             "description": self.description,
             "window": list(self.window) if self.window else None,
+            "windows": [list(w) for w in self.windows] if len(self.windows) > 1 else None,
+            "continuum_stage": None if self.continuum_stage is None else self.continuum_stage.describe(),
             "params": self.params.spec(),
             "flux_params": list(self.flux_params),
             "func": f"{getattr(self.func, '__module__', '')}.{getattr(self.func, '__qualname__', type(self.func).__name__)}",
@@ -235,8 +250,9 @@ class Model:
             {
                 "definition": definition,
                 "params": self.params.spec(),
-                "window": self.window,
+                "windows": [list(w) for w in self.windows],
                 "flux_params": list(self.flux_params),
+                "continuum_stage": None if self.continuum_stage is None else self.continuum_stage.spec(),
                 "version": self.version,
                 "metadata": self.metadata,
             }
@@ -250,6 +266,25 @@ class Model:
                 stacklevel=2,
             )
         return identity
+
+    def line_stage(self) -> Model:
+        """With a continuum stage: this model with the continuum's parameters fixed (their
+        values then come from each spectrum's initial values: the continuum fit)."""
+        if self.continuum_stage is None:
+            raise ModelError(f"model {self.name!r} has no continuum stage.")
+        cached = self.__dict__.get("_line_stage")
+        if cached is None:
+            fixed = set(self.continuum_stage.model.param_names)
+            params = self.params.copy()
+            params.fix(fixed)
+            cached = Model(self.func, params, name=f"{self.name}_lines", window=list(self.windows) or None,
+                           initializer=self.initializer, components=self.components, metadata=self.metadata,
+                           description=f"{self.description} (lines on a fixed continuum)", flux_params=self.flux_params,
+                           version=self.version, check=False)
+            cached.component_objects = getattr(self, "component_objects", {})
+            cached.declared_identity = None if self.declared_identity is None else {"lines_of": self.declared_identity}
+            self.__dict__["_line_stage"] = cached
+        return cached
 
     def fingerprint(self) -> str:
         """The first 16 hex digits of :meth:`identity` (stored in result attrs)."""
@@ -310,6 +345,69 @@ class Model:
             )
         guess = np.where(np.isfinite(guess), guess, default)
         return _clip_inside(guess, np.asarray(self.params.lower), np.asarray(self.params.upper)) if clip else guess
+
+
+class ContinuumStage:
+    """A continuum fitted on line-free windows before the lines (the pseudo-continuum method).
+
+    Parameters
+    ----------
+    model : Model
+        The continuum alone (power law, FeII, Balmer continuum, host...), whose parameters
+        have the same names as the corresponding parameters of the full model.
+    windows : sequence of (float, float)
+        Rest-frame line-free ranges (Angstrom) the continuum is fitted on.
+
+    The chunk layer fits ``model`` on ``windows`` (batched, with restarts, absorber
+    rejection and the fallback like any fit), then the full model on its window with the
+    continuum's parameters fixed at the values found (``Model.line_stage``). The result
+    holds both: the continuum's parameters and errors from the first stage, the lines' from
+    the second (Shen et al. 2011, ApJS 194, 45; Wu & Shen 2022, ApJS 263, 42).
+    """
+
+    def __init__(self, model: Model, windows: Sequence[tuple[float, float]]):
+        if not isinstance(model, Model):
+            raise ModelError(f"ContinuumStage(model=...) must be a sheap_dask.Model, got {type(model).__name__}.")
+        self.model = model
+        self.windows = _windows(list(windows), "ContinuumStage(windows=...)")
+        if not self.windows:
+            raise ModelError("ContinuumStage(windows=...) needs at least one (low, high) range.")
+
+    def check(self, params) -> None:
+        missing = [n for n in self.model.param_names if n not in params.names]
+        if missing:
+            raise ModelError(f"continuum stage parameters {missing} are not parameters of the model ({list(params.names)}).")
+        tied = [n for n in self.model.param_names if params[n].tie is not None]
+        if tied:
+            raise ModelError(f"continuum stage parameters {tied} are tied in the model; the stage fixes them, so they must be free.")
+
+    def spec(self) -> dict:
+        return {"model": self.model.identity(), "windows": [list(w) for w in self.windows]}
+
+    def describe(self) -> dict:
+        return {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows]}
+
+    def __repr__(self) -> str:
+        return f"ContinuumStage({self.model.name!r}, windows={list(self.windows)})"
+
+
+def _windows(window, argument: str) -> tuple[tuple[float, float], ...]:
+    """Normalise ``(low, high)`` or a sequence of them into a tuple of float pairs."""
+    if window is None:
+        return ()
+    items = list(window)
+    if len(items) == 2 and all(isinstance(v, (int, float, np.integer, np.floating)) for v in items):
+        items = [items]
+    out = []
+    for item in items:
+        try:
+            lo, hi = (float(v) for v in item)
+        except (TypeError, ValueError):
+            raise ModelError(f"{argument}={window!r} must be (low, high) or a list of (low, high) ranges in Angstrom.") from None
+        if not lo < hi:
+            raise ModelError(f"{argument}: range ({lo}, {hi}) must have low < high, in Angstrom.")
+        out.append((lo, hi))
+    return tuple(sorted(out))
 
 
 def _clip_inside(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, frac: float = 1e-6) -> np.ndarray:

@@ -67,6 +67,9 @@ class ChunkOptions:
     absorber_max_fraction: float | None = None
     coverage_min: float | None = None
     coverage_flag: float | None = None
+    coverage_line: float | None = None
+    coverage_continuum: float | None = None
+    detection_sigma: float | None = None
 
     _CONFIG_KEYS = {
         "method": "fit.method",
@@ -101,6 +104,9 @@ class ChunkOptions:
         "absorber_max_fraction": "absorbers.max_fraction",
         "coverage_min": "coverage.min",
         "coverage_flag": "coverage.flag",
+        "coverage_line": "coverage.line",
+        "coverage_continuum": "coverage.continuum",
+        "detection_sigma": "lines.detection_sigma",
     }
 
     def resolved(self) -> ChunkOptions:
@@ -191,7 +197,8 @@ class ChunkOptions:
     # Fields that do not change any compiled program (they steer the numpy side of a chunk).
     _RUNTIME_ONLY = ("fallback", "fallback_tol", "fallback_maxiter", "fallback_redchi2_sigma", "pinned_fraction", "error_scale",
                      "min_extra_pixels", "return_history", "restarts", "redchi2_sigma", "pinned_tolerance", "absorber_iterations",
-                     "absorber_sigma", "absorber_grow", "absorber_max_width", "absorber_max_fraction", "coverage_min", "coverage_flag")
+                     "absorber_sigma", "absorber_grow", "absorber_max_width", "absorber_max_fraction", "coverage_min", "coverage_flag",
+                     "coverage_line", "coverage_continuum", "detection_sigma")
 
     def compile_key(self) -> ChunkOptions:
         """These options with the fields that do not change compiled code cleared: the part
@@ -234,6 +241,9 @@ _RANGES = (
     ("absorber_max_fraction", 0, False, 1.0, float),
     ("coverage_min", 0, False, 1.0, float),
     ("coverage_flag", 0, False, 1.0, float),
+    ("coverage_line", 0, False, 1.0, float),
+    ("coverage_continuum", 0, False, 1.0, float),
+    ("detection_sigma", 0, False, np.inf, float),
 )
 # field -> how a user passes it to fit_dataset
 _ARGUMENTS = {

@@ -19,6 +19,7 @@ source exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -331,6 +332,23 @@ class Parameters:
         new = Parameters()
         new._params = dict(self._params)
         return new
+
+    def fix(self, names) -> Parameters:
+        """Fix the free parameters ``names`` at their values; returns ``self``.
+
+        Raises ParameterSpecError for an unknown name, a tied parameter, or a parameter that
+        other parameters are tied to (a tie needs a free source).
+        """
+        for name in names:
+            p = self[name]
+            if p.tie is not None:
+                raise ParameterSpecError(f"cannot fix {name!r}: it is tied ({p.tie_string}); fix its source instead.")
+            sources = [q.name for q in self._params.values() if q.tie is not None and q.tie[1] == name]
+            if sources:
+                raise ParameterSpecError(f"cannot fix {name!r}: {sources} are tied to it.")
+            self._params[name] = dataclasses.replace(p, fixed=True)
+        self._cache.clear()
+        return self
 
     # -- introspection -------------------------------------------------------------------
     def __getitem__(self, name: str) -> Parameter:

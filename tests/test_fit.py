@@ -31,7 +31,7 @@ def ds():
 def test_result_follows_the_design_table(ds):
     fits = sd.fit_dataset(ds, gauss_model(), **FAST)
     assert set(fits.data_vars) == {"params", "params_err", "loss", "chi2", "dof", "redchi2", "status", "method", "n_iter",
-                                   "quality", "at_bound", "n_masked", "flux_scale"}
+                                   "quality", "at_bound", "n_masked", "flux_scale", "params_cov"}
     assert fits.params.dims == ("spectrum", "param") and fits.params_err.dims == ("spectrum", "param")
     for name in ("loss", "chi2", "dof", "redchi2", "status", "method", "n_iter"):
         assert fits[name].dims == ("spectrum",)

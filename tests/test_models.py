@@ -254,8 +254,13 @@ def test_region_parameter_counts_and_catalogue():
     assert sd.models.region("hbeta", share_narrow=True).n_free == 18
     assert sd.models.region("hbeta", n_broad=3, feii=False).n_free == 20 - 3 + 3
     ha = sd.models.region("halpha")
-    assert {"halpha_broad", "halpha_narrow", "nii6584", "nii6548", "sii6717", "sii6731"} == set(ha.metadata["lines"])
-    assert ha.n_free == 2 + 6 + 3 + 1 + 2
+    assert {"halpha_broad", "halpha_narrow", "nii6584", "nii6548", "sii6717", "sii6731", "oi6300", "oi6364"} == set(ha.metadata["lines"])
+    assert ha.n_free == 2 + 6 + 3 + 1 + 2 + 1  # [OI] 6300 flux ([OI] 6364 = 6300 / 3; kinematics of narrow H-alpha)
+    assert ha.params["oi6364_flux"].tie == ("oi6364_flux", "oi6300_flux", "/", 3.0)
+    # the continuum is fitted first on the line-free windows, then the lines on top
+    assert hb.continuum_stage.model.param_names == ["powerlaw_norm", "powerlaw_index", "feii_amplitude", "feii_fwhm", "feii_shift"]
+    assert hb.continuum_stage.windows == ((4435.0, 4700.0), (5100.0, 5535.0))
+    assert sd.models.region("hbeta", continuum="joint").continuum_stage is None
     assert set(sd.models.region("mgii").metadata["lines"]) == {"mgii_broad", "mgii_narrow"}
     assert set(sd.models.region("civ").metadata["lines"]) == {"civ_broad", "heii1640", "oiii1663"}
     assert sd.models.region("mgii", balmer=True).metadata["continuum"] == ["powerlaw", "balmer", "feii"]

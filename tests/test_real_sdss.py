@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 
 OK = (int(Status.CONVERGED), int(Status.CONVERGED_AFTER_FALLBACK))
 RM017_BOSS_PLATES = (6717, 7338, 7339)  # 2-arcsec BOSS fibres; plate 1325 is the 2003 SDSS-I epoch (3 arcsec)
-MIN_COVERAGE = 0.7  # fraction of a region's window with usable pixels (sky-line masks remove up to ~15%)
 
 
 def spec_files(root):
@@ -59,7 +58,7 @@ def client():
 
 def fit_region(spectra, client, name, **kwargs):
     model = sd.models.region(name, **kwargs)
-    idx = sd.models.covering_spectra(spectra, model.window, min_fraction=MIN_COVERAGE)
+    idx = sd.models.covering_spectra(spectra, model)  # the coverage rule of the fit itself
     sub = spectra.isel(spectrum=idx)
     # one chunk per region: one compilation on the worker
     fits = sd.fit_dataset(sub.chunk({"spectrum": len(idx)}), model, client=client, progress=False).compute()

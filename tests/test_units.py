@@ -81,8 +81,8 @@ def test_float32_input_with_errors_any_unit(hbeta):
     assert (ref["status"] == 0).all()
     for factor in FACTORS:
         # float32 rounding of flux * factor changes the data by ~1e-7 of each value: the fit
-        # stays within the solver's stopping tolerance, far inside its errors
-        assert_same_fit(hbeta, ref, fit(factor), factor, sigma_tol=0.1)
+        # stays within the solvers' stopping tolerance (two stages), far inside its errors
+        assert_same_fit(hbeta, ref, fit(factor), factor, sigma_tol=0.25)
 
 
 @pytest.mark.slow

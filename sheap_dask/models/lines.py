@@ -11,7 +11,7 @@ SDSS spectra and sheap_dask models use vacuum wavelengths throughout.
 
 from __future__ import annotations
 
-__all__ = ["LINES", "OIII_RATIO", "NII_RATIO", "rest_wavelength"]
+__all__ = ["LINES", "OIII_RATIO", "NII_RATIO", "OI_RATIO", "rest_wavelength"]
 
 #: line key -> vacuum rest wavelength (Angstrom)
 LINES: dict[str, float] = {
@@ -26,6 +26,8 @@ LINES: dict[str, float] = {
     "nii6548": 6549.86,
     "sii6717": 6718.29,
     "sii6731": 6732.67,
+    "oi6300": 6302.05,
+    "oi6364": 6365.54,
     # UV
     "mgii": (2 * 2796.352 + 2803.531) / 3.0,  # 2798.745
     "civ": (2 * 1548.187 + 1550.772) / 3.0,  # 1549.049
@@ -42,6 +44,9 @@ OIII_RATIO = 2.98
 #: Storey & Zeippen 2000 give 2.9-3.0); 3.0 is the value conventionally adopted in quasar
 #: fits (e.g. Greene & Ho 2005, ApJ 630, 122).
 NII_RATIO = 3.0
+#: [OI] 6300/6364 flux ratio: the same upper level (1D2) again, ~3 (Storey & Zeippen 2000
+#: give 3.1; Osterbrock & Ferland 2006); 3.0 as for [NII].
+OI_RATIO = 3.0
 
 
 def rest_wavelength(line: str) -> float:

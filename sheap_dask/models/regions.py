@@ -35,7 +35,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import ModelError
-from .lines import LINES, NII_RATIO, OIII_RATIO
+from .lines import LINES, NII_RATIO, OI_RATIO, OIII_RATIO
 from .profiles import C_KMS
 
 __all__ = ["region", "REGIONS", "RegionSpec", "make_initializer", "covering_spectra"]
@@ -55,10 +55,12 @@ class RegionSpec:
     name: str
     window: tuple[float, float]
     ref_wavelength: float
-    continuum_windows: tuple[tuple[float, float], ...]
+    continuum_windows: tuple[tuple[float, float], ...]  # line-free: the continuum stage fits these
     anchor: str | None  # narrow component whose peak gives the narrow-line shift
     build: Callable
     description: str
+    line_windows: tuple[tuple[float, float], ...] = ()  # must be covered for a fit (coverage.line)
+    main_lines: tuple[str, ...] = ()  # lines whose non-detection sets a quality bit
 
 
 def _broad_widths(n_broad: int) -> list[float]:
@@ -127,12 +129,20 @@ def _build_halpha(spec, n_broad, feii, share_narrow, balmer, feii_template, wind
     comps += _broad("halpha", LINES["halpha"], n_broad)
     comps += [_narrow("halpha_narrow", LINES["halpha"]), _narrow("nii6584", LINES["nii6584"]), _narrow("nii6548", LINES["nii6548"]),
               _narrow("sii6717", LINES["sii6717"]), _narrow("sii6731", LINES["sii6731"])]
+    if window[0] <= LINES["oi6300"] and LINES["oi6364"] <= window[1]:
+        comps += [_narrow("oi6300", LINES["oi6300"]), _narrow("oi6364", LINES["oi6364"])]
+    names = {c.name for c in comps}
     ties = [f"nii6548_flux = nii6584_flux / {NII_RATIO}"]
+    if "oi6300" in names:
+        ties.append(f"oi6364_flux = oi6300_flux / {OI_RATIO}")
     if share_narrow:
-        for n in ("nii6584", "nii6548", "sii6717", "sii6731"):
-            ties += _same_kinematics(n, "halpha_narrow")
+        for n in ("nii6584", "nii6548", "sii6717", "sii6731", "oi6300", "oi6364"):
+            if n in names:
+                ties += _same_kinematics(n, "halpha_narrow")
     else:  # doublets still share kinematics
         ties += _same_kinematics("nii6548", "nii6584") + _same_kinematics("sii6731", "sii6717")
+        if "oi6300" in names:
+            ties += _same_kinematics("oi6364", "oi6300")
     return comps, ties
 
 
@@ -162,16 +172,23 @@ def _build_civ(spec, n_broad, feii, share_narrow, balmer, feii_template, window,
     return comps, []
 
 
-#: name -> RegionSpec of the built-in regions
+#: name -> RegionSpec of the built-in regions. Line-free continuum windows as in Shen et al.
+#: (2011, ApJS 194, 45, sect. 3) and Wu & Shen (2022, ApJS 263, 42), used by PyQSOFit and the
+#: DR7/DR16Q catalogues.
 REGIONS: dict[str, RegionSpec] = {
-    "hbeta": RegionSpec("hbeta", (4400.0, 5600.0), 5100.0, ((4420.0, 4460.0), (5080.0, 5120.0), (5450.0, 5550.0)), "oiii5007",
-                        _build_hbeta, "H-beta region: power law, optical FeII, broad+narrow H-beta, [OIII] 4959/5007, HeII 4686"),
-    "halpha": RegionSpec("halpha", (6200.0, 6900.0), 6500.0, ((6200.0, 6280.0), (6820.0, 6900.0)), "halpha_narrow",
-                         _build_halpha, "H-alpha region: power law, broad+narrow H-alpha, [NII] 6548/6584, [SII] 6717/6731"),
-    "mgii": RegionSpec("mgii", (2700.0, 2950.0), 2800.0, ((2700.0, 2730.0), (2900.0, 2950.0)), "mgii_narrow",
-                       _build_mgii, "MgII region: power law, UV FeII, broad+narrow MgII"),
-    "civ": RegionSpec("civ", (1450.0, 1700.0), 1450.0, ((1450.0, 1470.0), (1685.0, 1700.0)), None,
-                      _build_civ, "CIV region: power law, broad CIV, HeII 1640, OIII] 1663"),
+    "hbeta": RegionSpec("hbeta", (4400.0, 5600.0), 5100.0, ((4435.0, 4700.0), (5100.0, 5535.0)), "oiii5007",
+                        _build_hbeta, "H-beta region: power law, optical FeII, broad+narrow H-beta, [OIII] 4959/5007, HeII 4686",
+                        line_windows=((4780.0, 5030.0),), main_lines=("hbeta_broad", "oiii5007")),
+    "halpha": RegionSpec("halpha", (6000.0, 7000.0), 6500.0, ((6000.0, 6250.0), (6800.0, 7000.0)), "halpha_narrow",
+                         _build_halpha,
+                         "H-alpha region: power law, broad+narrow H-alpha, [NII] 6548/6584, [SII] 6717/6731, [OI] 6300/6364",
+                         line_windows=((6450.0, 6650.0),), main_lines=("halpha_broad", "halpha_narrow")),
+    "mgii": RegionSpec("mgii", (2200.0, 3090.0), 3000.0, ((2200.0, 2700.0), (2900.0, 3090.0)), "mgii_narrow",
+                       _build_mgii, "MgII region: power law, UV FeII, broad+narrow MgII",
+                       line_windows=((2750.0, 2850.0),), main_lines=("mgii_broad",)),
+    "civ": RegionSpec("civ", (1445.0, 1705.0), 1450.0, ((1445.0, 1465.0), (1700.0, 1705.0)), None,
+                      _build_civ, "CIV region: power law, broad CIV, HeII 1640, OIII] 1663",
+                      line_windows=((1500.0, 1600.0),), main_lines=("civ_broad",)),
 }
 
 
@@ -185,6 +202,7 @@ def region(
     balmer: bool = False,
     feii_template=None,
     oiii_wing: bool = False,
+    continuum: str = "windows",
 ):
     """A built-in quasar region model.
 
@@ -218,6 +236,12 @@ def region(
         core + wing. Without it a strong wing leaves a residual of many sigma on the blue
         side of both [OIII] lines (e.g. SDSS spec-0280-51612-0117).
 
+    continuum : {"windows", "joint"}
+        ``"windows"`` (default): the continuum (power law, FeII, Balmer continuum) is fitted
+        first on the region's line-free windows, then the lines on top of it (Shen et al.
+        2011; Wu & Shen 2022): a broad Gaussian cannot trade flux with a power law fitted
+        on a short window. ``"joint"``: everything in one fit over the window.
+
     Returns
     -------
     Model
@@ -245,6 +269,8 @@ def region(
         raise ModelError(f"region({name!r}, n_broad={n_broad!r}): n_broad must be an integer from 1 to 4.")
     if balmer and name != "mgii":
         raise ModelError(f"region({name!r}, balmer=True): the Balmer continuum (< 3646 A) only applies to the 'mgii' region.")
+    if continuum not in ("windows", "joint"):
+        raise ModelError(f"region({name!r}, continuum={continuum!r}): choose 'windows' (continuum on line-free windows first) or 'joint'.")
     if oiii_wing and name != "hbeta":
         raise ModelError(f"region({name!r}, oiii_wing=True): the [OIII] 4959/5007 wing only applies to the 'hbeta' region.")
     spec = REGIONS[name]
@@ -254,7 +280,10 @@ def region(
     if share_narrow is None:
         share_narrow = name == "halpha"
     comps, ties = spec.build(spec, int(n_broad), bool(feii), bool(share_narrow), bool(balmer), feii_template, win, bool(oiii_wing))
-    metadata = {"region": name, "continuum_ref_wavelength": spec.ref_wavelength, "n_broad": int(n_broad), "references": _REFERENCES}
+    metadata = {"region": name, "continuum_ref_wavelength": spec.ref_wavelength, "n_broad": int(n_broad), "references": _REFERENCES,
+                "main_lines": list(spec.main_lines),
+                "coverage": {"line": [list(w) for w in spec.line_windows],
+                             "continuum": [list(w) for w in _inside(spec.continuum_windows, win)]}}
     if feii_template is None or isinstance(feii_template, (str, bytes)) or hasattr(feii_template, "__fspath__"):
         # How to rebuild this model (fit_dataset stores it as attrs["sheap_region"]); a
         # user-passed template array is not JSON-serializable, so such models carry none.
@@ -264,6 +293,8 @@ def region(
             kwargs["feii_template"] = str(feii_template if not isinstance(feii_template, bytes) else feii_template.decode())
         if oiii_wing:
             kwargs["oiii_wing"] = True
+        if continuum != "windows":
+            kwargs["continuum"] = continuum
         metadata["region_spec"] = {"name": name, "kwargs": kwargs}
     model = compose(
         *comps,
@@ -274,16 +305,44 @@ def region(
         description=f"sheap_dask {spec.description} ({int(n_broad)} broad Gaussians)",
     )
     model.initializer = make_initializer(model, spec, win)
+    if continuum == "windows":
+        model.continuum_stage = _continuum_stage(model, comps, spec, win)
     # A built-in region is what its arguments and the package version say it is; templates
     # count by content (two template arrays give two identities).
     model.declared_identity = {
         "region": name,
         "arguments": {"n_broad": int(n_broad), "feii": bool(feii), "window": list(win), "share_narrow": bool(share_narrow),
-                      "balmer": bool(balmer), "oiii_wing": bool(oiii_wing)},
+                      "balmer": bool(balmer), "oiii_wing": bool(oiii_wing), "continuum": continuum},
         "templates": [c.info["template_obj"] for c in comps if "template_obj" in c.info],
         "package_version": __version__,
     }
     return model
+
+
+def _inside(windows, win):
+    """The parts of ``windows`` inside the region's window ``win``."""
+    return [(max(lo, win[0]), min(hi, win[1])) for lo, hi in windows if min(hi, win[1]) > max(lo, win[0])]
+
+
+def _continuum_stage(model, comps, spec: RegionSpec, win):
+    """The region's continuum (power law, FeII, Balmer continuum) alone, fitted first on the
+    line-free windows; its initial values are the region initializer's."""
+    from ..model import ContinuumStage
+    from . import compose
+
+    parts = [c for c in comps if c.continuum]
+    windows = _inside(spec.continuum_windows, win)
+    cont = compose(*parts, name=f"{model.name}_continuum", window=windows,
+                   metadata={"continuum_ref_wavelength": spec.ref_wavelength, "coverage": {"continuum": [list(w) for w in windows]}},
+                   description=f"continuum of the {spec.name} region on its line-free windows")
+    idx = np.array([model.param_names.index(n) for n in cont.param_names])
+    full_initializer = model.initializer
+
+    def initializer(wavelength, flux, ivar):
+        return full_initializer(wavelength, flux, ivar)[:, idx]
+
+    cont.initializer = initializer
+    return ContinuumStage(cont, windows)
 
 
 _REFERENCES = [
@@ -324,12 +383,17 @@ def _solve_normal(A, w, y, nonneg):
         M = (A * w[:, None, :]) @ A.transpose(0, 2, 1)
         b = (A @ (w * y)[:, :, None])[:, :, 0]
     diag = np.einsum("nkk->nk", M)
+    # A column with (almost) no usable pixels under it (a line in a masked stretch) gets no
+    # coefficient: judged relative to its own size and the spectrum's weights, so the choice
+    # does not depend on the flux unit.
+    total = np.einsum("nkp,nkp->nk", A, A) if A.shape[0] > 1 else np.einsum("kp,kp->k", A[0], A[0])[None]
+    support = diag / np.maximum(np.max(w, axis=1, keepdims=True) * total, 1e-300)
     scale = np.where(diag > 0, diag, 1.0)
-    active = np.ones((n, k), dtype=bool)
+    active = support > 1e-8
     x = np.zeros((n, k))
     for _ in range(3):
         # Jacobi scaling + a tiny ridge keeps singular systems (masked spectra) solvable.
-        Ms = M / np.sqrt(scale[:, :, None] * scale[:, None, :])
+        Ms = M / (np.sqrt(scale)[:, :, None] * np.sqrt(scale)[:, None, :])
         Ms = np.where(active[:, :, None] & active[:, None, :], Ms, 0.0)
         Ms = Ms + np.eye(k)[None] * (1e-10 + (~active)[:, :, None])
         bs = np.where(active, b / np.sqrt(scale), 0.0)
@@ -517,7 +581,9 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
                 feii_fwhm = float(np.clip(fwhm[broad[0].name] if broad else v, lo, hi))
             A, keys = columns(fwhm, shift, np.full(n, feii_fwhm))
             x, chi2 = solve(A, keys)
-            better = chi2 < best_chi2
+            # a trial must win clearly: near-ties (lines masked, e.g. in the continuum stage)
+            # must not be broken by rounding, or a spectrum in another unit starts elsewhere
+            better = chi2 < best_chi2 * (1.0 - 1e-9)
             best_chi2 = np.where(better, chi2, best_chi2)
             for k, v in fwhm.items():
                 best_fwhm[k] = np.where(better, v, best_fwhm[k])
@@ -564,6 +630,7 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
 
         out = np.tile(np.asarray(params.values, dtype=np.float64), (n, 1))
         pos_of = {nm: i for i, nm in enumerate(names)}
+        peak = np.max(np.where(good, np.abs(y), 0.0), axis=1)
         coef = {cn: x[:, i] for i, cn in enumerate(keys)}
         norm = np.maximum(coef[("powerlaw", "norm")], 1e-3 * cont_level)
         dindex = coef[("powerlaw", "dindex")] / np.where(norm > 0, norm, 1.0)
@@ -579,7 +646,10 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             if (c.name, "flux") in coef:
                 fw = best_fwhm.get(kin_source(c).name, np.full(n, params[f"{c.name}_fwhm"].value))
                 floor = 0.02 * norm * fw / C_KMS * c.rest_wavelength  # 2% of the continuum under the line
-                out[:, pos_of[f"{c.name}_flux"]] = np.maximum(coef[(c.name, "flux")], floor)
+                # a line barely covered by usable pixels can get any amplitude from the linear
+                # solve: cap it at 10x the brightest pixel over twice its width
+                cap = 10.0 * peak * 2.0 * fw / C_KMS * c.rest_wavelength
+                out[:, pos_of[f"{c.name}_flux"]] = np.minimum(np.maximum(coef[(c.name, "flux")], floor), np.maximum(cap, floor))
             if c.name in best_fwhm:
                 out[:, pos_of[f"{c.name}_fwhm"]] = best_fwhm[c.name]
                 out[:, pos_of[f"{c.name}_shift"]] = np.broadcast_to(shift[c.name], (n, 1))[:, 0]
@@ -595,14 +665,20 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
 
 
 def covering_spectra(ds, window, *, min_fraction: float = 0.7, redshift: str = "redshift") -> np.ndarray:
-    """Indices of the spectra of ``ds`` that cover a rest-frame ``window``.
+    """Indices of the spectra of ``ds`` a model can fit (or that cover a rest-frame window).
 
-    A spectrum covers it when usable pixels (``ivar > 0``) span at least ``min_fraction`` of
-    the window's pixels (sky-line masks remove up to ~15%) and reach both ends (within 5% of
-    its width). Use it to pick the spectra a region model can fit, e.g.
-    ``ds.isel(spectrum=covering_spectra(ds, model.window))``. Without a ``redshift``
-    coordinate the wavelengths are taken as rest frame.
+    ``window`` a :class:`~sheap_dask.Model`: the coverage rule of the chunk layer
+    (:mod:`sheap_dask.coverage`: a region's line window covered, at least one of its continuum
+    windows), so ``ds.isel(spectrum=covering_spectra(ds, model))`` selects exactly the
+    spectra the fit will not set to ``no_data``. ``window`` a ``(low, high)`` range: usable
+    pixels (``ivar > 0``) must span at least ``min_fraction`` of its pixels and reach both
+    ends (within 5% of its width). Without a ``redshift`` coordinate the wavelengths are
+    taken as rest frame.
     """
+    if hasattr(window, "params"):
+        from ..coverage import covering
+
+        return covering(ds, window, redshift=redshift)
     wl = np.asarray(ds.wavelength.values, dtype=np.float64)
     z = np.asarray(ds[redshift].values, dtype=np.float64) if redshift in ds.variables else np.zeros(ds.sizes["spectrum"])
     rest = (wl if wl.ndim == 2 else wl[None, :]) / (1.0 + z[:, None])
