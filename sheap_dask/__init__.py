@@ -27,11 +27,12 @@ _LAZY = {
     "find_model": "model",
     "fit_chunk": "chunk",
     "fit_dataset": "fit",
+    "open_fits": "store",
     "start_local_cluster": "cluster",
 }
 _SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status",
                "model", "cli", "synthetic", "lm", "astro", "identity", "options", "compiled", "quality",
-               "cluster", "store", "inputs", "derived", "explore", "units"}
+               "cluster", "store", "stores", "inputs", "derived", "explore", "units"}
 
 __all__ = ["__version__", *_LAZY, "models", "io"]
 

@@ -7,16 +7,33 @@ The only module that prints; everything else logs. Defaults come from ``dask.con
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from . import config
 from ._version import __version__
 
 logger = logging.getLogger("sheap_dask.cli")
+
+#: printed (alone) when Ctrl-C stops a command; the exit status is then 130
+INTERRUPTED = "interrupted: completed chunks are saved; run the same command again to resume"
+#: exit status of `sheap-dask fit` when every spectrum is no_data (unless --allow-no-data)
+EXIT_ALL_NO_DATA = 3
+
+# Python keywords in messages -> the flags of this command line
+FLAGS = {
+    "resume=False": "--no-resume",
+    "resume=True": "--resume",
+    "overwrite=True": "--overwrite",
+    "force=True": "--force",
+    "skip_bad=True": "--skip-bad",
+    "fit_dataset": "sheap-dask fit",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,16 +51,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     config.configure_threads()  # before JAX starts in this process
+    from .stores import cli_spelling
+
+    previous_show = warnings.showwarning
+    if not args.verbose:
+        warnings.showwarning = _show_warning
     try:
-        return args.func(args)
+        with cli_spelling(FLAGS):
+            return args.func(args)
     except KeyboardInterrupt:
-        print("interrupted: completed chunks are saved; run the same command again to resume", file=sys.stderr)
+        _quiet_shutdown()
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except Exception as exc:  # a clean one-line error for users, the traceback with -v
         if args.verbose:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = previous_show
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one ``warning: ...`` paragraph, without the file and line of the code."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
+def _quiet_shutdown() -> None:
+    """After Ctrl-C: the cluster's closing chatter (tasks cancelled, workers killed) is not news."""
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--chunk", type=int, default=None, help=f"spectra per chunk (default {config.get('cli.demo_chunk')})")
     d.add_argument("--store", default=None, help=f"output fit store (default {config.get('cli.demo_store')})")
     d.add_argument("--seed", type=int, default=0, help="random seed of the synthetic spectra")
+    d.add_argument("--force", action="store_true", help="break a stale lock on the store (its writer was killed)")
     _add_fit_options(d)
     d.set_defaults(func=_cmd_demo)
 
@@ -67,20 +105,23 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--n-broad", type=int, default=None, help="broad components of the region's broad line")
     f.add_argument("--no-feii", action="store_true", help="leave FeII out of the region model")
     f.add_argument("--chunk", type=int, default=None, help="spectra per chunk (default: the input's chunks)")
-    f.add_argument("--no-resume", action="store_true", help="overwrite OUTPUT instead of resuming it")
+    f.add_argument("--no-resume", action="store_true", help="overwrite OUTPUT (a fit store) instead of resuming it")
+    f.add_argument("--force", action="store_true", help="break a stale lock on OUTPUT (its writer was killed)")
+    f.add_argument("--allow-no-data", action="store_true", help="exit 0 even when every spectrum is no_data (default: exit 3)")
     _add_fit_options(f)
     f.set_defaults(func=_cmd_fit)
 
-    i = sub.add_parser("info", help="summarise a fit store: status counts, model, options")
+    i = sub.add_parser("info", help="summarise a fit store: chunks done, status counts, model, options")
     i.add_argument("store")
     i.set_defaults(func=_cmd_info)
 
     g = sub.add_parser("ingest", help="SDSS spec or DESI coadd FITS files -> one zarr store on a common grid")
     g.add_argument("files", nargs="+", help="SDSS spec/spec-lite or DESI coadd/spectra FITS files (and finally the output store)")
     g.add_argument("--chunk", type=int, default=256, help="spectra per chunk of the store")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing output store")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output store (one written by ingest)")
+    g.add_argument("--force", action="store_true", help="break a stale lock on the output store (its writer was killed)")
     g.add_argument("--mask-bits", default="default", help="and_mask bits that mask a pixel: default, all, none or comma-separated names")
-    g.add_argument("--ebv", default=None, help="Galactic E(B-V) to de-redden with: a number, sfd or sf11 (from the files)")
+    g.add_argument("--ebv", default=None, type=_ebv_arg, help="Galactic E(B-V) to de-redden with: a number, sfd or sf11 (from the files)")
     g.add_argument("--dereddening", default="ccm89", choices=["ccm89", "odonnell94", "f99"], help="extinction law (default ccm89)")
     g.add_argument("--wavelength-range", nargs=2, type=float, default=None, metavar=("MIN", "MAX"), help="keep only this observed range (Angstrom)")
     g.add_argument("--jobs", type=int, default=None, help="parallel file readers (default: CPU count)")
@@ -94,19 +135,69 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler (tcp://host:8786); default: a local cluster")
+    p.add_argument("--scheduler", default=None, type=_scheduler_arg, help="address of a running Dask scheduler (tcp://host:8786); default: a local cluster")
     p.add_argument("--method", default=None, choices=["lm", "adam", "lbfgs"], help="batched optimizer (default from config: lm)")
     p.add_argument("--num-steps", type=int, default=None, help="iteration budget of the batched solve")
     p.add_argument("--fallback", default=None, choices=["slsqp", "none"], help="re-fit failed spectra with SLSQP (default) or not")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _client(address):
-    if address is None:
-        return None
+def _ebv_arg(value: str):
+    if value in ("sfd", "sf11"):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number, sfd or sf11 (Galactic E(B-V) in magnitudes)") from None
+
+
+def _scheduler_arg(value: str) -> str:
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    try:
+        scheme, location = parse_address(value)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            host, port = parse_host_port(location, 8786)
+            if not host or not 0 < int(port) < 65536:
+                raise ValueError(f"port {port} is out of range")
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a scheduler address ({exc}); expected tcp://HOST:PORT, e.g. tcp://127.0.0.1:8786"
+        ) from None
+    return value
+
+
+def _client(args):
+    """(client, cluster): of the scheduler at ``--scheduler``, else of a local cluster started here."""
+    if args.scheduler is None:
+        from .cluster import start_default_cluster
+
+        # Worker warnings (cancelled tasks at Ctrl-C, ...) only with -v.
+        return start_default_cluster(silence_logs=logging.WARNING if args.verbose else logging.ERROR)
     from distributed import Client
 
-    return Client(address)
+    address = args.scheduler
+    try:
+        return Client(address), None
+    except (OSError, TimeoutError) as exc:
+        raise ConnectionError(f"--scheduler {address}: cannot connect to a Dask scheduler there ({exc})") from None
+
+
+@contextlib.contextmanager
+def _cluster(args):
+    """The client of ``--scheduler`` or of a local cluster, closed on the way out (quietly
+    after Ctrl-C)."""
+    client, cluster = _client(args)
+    try:
+        yield client
+    except KeyboardInterrupt:
+        _quiet_shutdown()
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def _fit_kwargs(args) -> dict:
@@ -127,21 +218,31 @@ def _region_model(args):
 def _cmd_demo(args) -> int:
     import numpy as np
 
+    from .errors import StoreExistsError
     from .fit import fit_dataset
     from .models import region
+    from .stores import cli_spelling, describe_path
     from .synthetic import synthetic_spectra
 
     n = args.n or config.get("cli.demo_n")
     chunk = args.chunk or config.get("cli.demo_chunk")
     store = args.store or config.get("cli.demo_store")
+    # The demo replaces only a store it wrote itself (marked sheap_demo); other data is refused.
+    info = describe_path(store)
+    if info.kind == "fit" and not info.attrs.get("sheap_demo"):
+        raise StoreExistsError(
+            f"--store {store!r} is a fit store not written by sheap-dask demo; the demo replaces only its own stores. "
+            "Pass another --store."
+        )
     print(f"sheap-dask {__version__} demo: {n} synthetic H-beta-region quasar spectra, chunks of {chunk}")
     ds = synthetic_spectra(n, seed=args.seed).chunk({"spectrum": chunk})
     model = region("hbeta")
-    client = _client(args.scheduler)
-    t0 = time.perf_counter()
-    fits = fit_dataset(ds, model, store=store, resume=False, client=client, **_fit_kwargs(args))
-    elapsed = time.perf_counter() - t0
-    fits = fits.load()
+    with _cluster(args) as client:
+        t0 = time.perf_counter()
+        with cli_spelling({**FLAGS, "fit_dataset": "sheap-dask demo"}, store_attrs={"sheap_demo": 1}):
+            fits = fit_dataset(ds, model, store=store, resume=False, force=args.force, client=client, **_fit_kwargs(args))
+        elapsed = time.perf_counter() - t0
+        fits = fits.load()
     print(f"fitted {n} spectra in {elapsed:.1f} s ({n / elapsed:.1f} spectra/s, cluster start-up and compilation included)")
     _print_status(fits)
     ok = fits.status.isin([0, 1]).values
@@ -158,38 +259,77 @@ def _cmd_demo(args) -> int:
         if rel.size:
             print(f"  {name:24s} {np.median(rel):8.3f}   {np.mean(rel < 0.1):6.1%}")
     print(f"fit store written: {store}  (inspect with: sheap-dask info {store})")
-    if client is not None:
-        client.close()
     return 0
 
 
 def _cmd_fit(args) -> int:
+    import numpy as np
+
     from .fit import fit_dataset
+    from .status import Status
 
     model = _region_model(args)
-    client = _client(args.scheduler)
-    t0 = time.perf_counter()
-    fits = fit_dataset(
-        args.input, model, store=args.output, resume=not args.no_resume, client=client, chunk_size=args.chunk, **_fit_kwargs(args)
-    )
-    elapsed = time.perf_counter() - t0
+    with _cluster(args) as client:
+        t0 = time.perf_counter()
+        fits = fit_dataset(
+            args.input, model, store=args.output, resume=not args.no_resume, force=args.force, client=client,
+            chunk_size=args.chunk, **_fit_kwargs(args),
+        )
+        elapsed = time.perf_counter() - t0
+        fits = fits.load()
     n = fits.sizes.get("spectrum", 0)
     print(f"{args.output}: {n} spectra, {fits.attrs.get('sheap_chunks_fitted', '?')} chunks fitted in this run ({elapsed:.1f} s)")
+    refitted = fits.attrs.get("sheap_chunks_refitted", 0)
+    if refitted:
+        print(f"  of which {refitted} were marked done but failed their check (see the warning above)")
     _print_status(fits)
-    if client is not None:
-        client.close()
+    status = np.asarray(fits.status.values)
+    if status.size and np.all(status == Status.NO_DATA):
+        if args.allow_no_data:
+            print("every spectrum is no_data (see the warning above); exit status 0 as asked by --allow-no-data")
+            return 0
+        print("error: every spectrum is no_data (see the warning above for the likely cause); pass --allow-no-data to exit 0 anyway",
+              file=sys.stderr)
+        return EXIT_ALL_NO_DATA
     return 0
 
 
 def _cmd_info(args) -> int:
+    import time as _time
+
     import xarray as xr
 
-    fits = xr.open_zarr(args.store)
+    from .errors import NotAStoreError
+    from .store import _quiet_zarr, store_progress
+    from .stores import LOCK_NAME, StoreLock, describe_path, filesystem
+
+    info = describe_path(args.store)
+    if info.kind != "fit":
+        what = "nothing is there" if info.kind == "missing" else f"it is {info.what}"
+        raise NotAStoreError(f"{args.store!r} is not a sheap_dask fit store: {what}. `sheap-dask info` reads the output of `sheap-dask fit`.")
+    with _quiet_zarr():
+        fits = xr.open_zarr(args.store)
     model = json.loads(fits.attrs.get("sheap_model", "{}"))
     options = json.loads(fits.attrs.get("sheap_options", "{}"))
     print(f"{args.store}: {fits.sizes.get('spectrum', 0)} spectra, {fits.sizes.get('param', 0)} parameters")
     print(f"model: {model.get('name', '?')} — {fits.attrs.get('model_description', '')}")
     print(f"sheap_dask version: {fits.attrs.get('sheap_version', '?')}")
+    if fits.attrs.get("sheap_input"):
+        print(f"input: {fits.attrs['sheap_input']}")
+    progress = store_progress(args.store)
+    if progress.complete:
+        print(f"complete: {progress.n_chunks} of {progress.n_chunks} chunks done")
+    else:
+        print(f"PARTIAL: {progress.describe()}")
+        print("  the rows of the missing chunks have status pending (never fitted); run the same `sheap-dask fit` again to finish")
+    fs, root = filesystem(args.store)
+    try:
+        record = json.loads(fs.cat_file(f"{root.rstrip('/')}/{LOCK_NAME}"))
+    except (OSError, ValueError):
+        record = None
+    if isinstance(record, dict):
+        age = _time.time() - float(record.get("heartbeat") or 0)
+        print(f"locked by {StoreLock.describe(record)}, last heartbeat {age:.0f} s ago")
     _print_status(fits)
     print("options: " + ", ".join(f"{k}={v}" for k, v in sorted(options.items())))
     return 0
@@ -203,11 +343,8 @@ def _cmd_ingest(args) -> int:
         return 2
     *files, out = args.files
     mask_bits = args.mask_bits if args.mask_bits in ("default", "all", "none") else [b.strip() for b in args.mask_bits.split(",")]
-    ebv = args.ebv
-    if ebv is not None and ebv not in ("sfd", "sf11"):
-        ebv = float(ebv)
-    common = dict(chunk=args.chunk, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, ebv=ebv,
-                  dereddening=args.dereddening, n_jobs=args.jobs, skip_bad=args.skip_bad)
+    common = dict(chunk=args.chunk, overwrite=args.overwrite, resume=args.resume, force=args.force, progress=not args.no_progress,
+                  ebv=args.ebv, dereddening=args.dereddening, n_jobs=args.jobs, skip_bad=args.skip_bad)
     if is_desi_file(files[0]):  # DESI by its HDUs (FIBERMAP, *_FLUX), no flag needed
         ds = ingest_desi(files, out, redshifts=args.redshifts, qso_only=args.qso_only, **common)
     else:
@@ -219,6 +356,14 @@ def _cmd_ingest(args) -> int:
             **common,
         )
     print(f"{out}: {ds.sizes.get('spectrum', 0)} spectra x {ds.sizes.get('wavelength', 0)} pixels")
+    skipped = ds.attrs.get("skipped_files")
+    if skipped:
+        lines = skipped.splitlines()
+        print(f"skipped {len(lines)} unreadable file(s) (listed in the store's attrs['skipped_files']):")
+        for line in lines[:10]:
+            print(f"  {line}")
+        if len(lines) > 10:
+            print(f"  ... and {len(lines) - 10} more")
     return 0
 
 

@@ -9,6 +9,8 @@ XLA's buffers cheap (``distributed_nanny.yaml``, which the container image insta
 
 import contextlib
 import logging
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,17 +32,28 @@ def resolve_client(client):
         return client, None
     if dask.config.get("scheduler", None) in _LOCAL_SCHEDULERS:
         return None, None
-    from distributed import Client, default_client
+    from distributed import default_client
 
     try:
         return default_client(), None
     except ValueError:
         pass
+    return start_default_cluster()
+
+
+def start_default_cluster(**kwargs):
+    """(client, cluster): the ``LocalCluster`` of ``sheap_dask.cluster.*`` (one worker per
+    core by default) and a client of it."""
+    from distributed import Client
+
     n_workers = config.get("cluster.n_workers") or config._cpu_share()
     threads = int(config.get("cluster.threads_per_worker") or 1)
-    cluster = start_local_cluster(int(n_workers), threads)
+    cluster = start_local_cluster(int(n_workers), threads, **kwargs)
     logger.info("started a LocalCluster with %d workers: %s", n_workers, cluster.dashboard_link)
-    return Client(cluster), cluster
+    client = Client(cluster)
+    with contextlib.suppress(Exception):  # a restarted worker ignores Ctrl-C too
+        client.register_plugin(_ignore_interrupt_plugin(), name="sheap-dask-ignore-sigint")
+    return client, cluster
 
 
 def worker_problems(workers: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -79,7 +92,9 @@ def start_local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs):
 
     Spawned worker processes (JAX deadlocks in forked ones), XLA's and BLAS's thread pools
     sized to each worker's threads, glibc malloc settings that keep XLA's buffers cheap
-    (``distributed_nanny.yaml``), a free dashboard port.
+    (``distributed_nanny.yaml``), a free dashboard port. The workers ignore SIGINT: Ctrl-C in
+    a terminal reaches every process of its group, and the client (this process) is the one
+    that stops the fit and closes them; otherwise each worker prints its own traceback.
     """
     from distributed import LocalCluster
 
@@ -92,8 +107,39 @@ def start_local_cluster(n_workers: int, threads_per_worker: int = 1, **kwargs):
     )
     options.update(kwargs)
     environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **_NANNY_ENVIRON}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), _children_ignore_sigint():
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, **options)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes spawned inside inherit an ignored SIGINT (a disposition of SIG_IGN survives
+    exec, and Python keeps it); this process ignores it meanwhile too, for those seconds."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ignore_sigint() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ignore_interrupt_plugin():
+    from distributed import WorkerPlugin
+
+    class IgnoreInterrupt(WorkerPlugin):
+        """Workers of a local cluster leave Ctrl-C to the client (also once restarted)."""
+
+        def setup(self, worker):
+            _ignore_sigint()
+
+    return IgnoreInterrupt()
 
 
 with open(Path(__file__).with_name("distributed_nanny.yaml")) as _f:

@@ -28,11 +28,35 @@ class OptionError(SheapDaskError, ValueError):
 
 
 class ResumeMismatchError(SheapDaskError, ValueError):
-    """An output store was written by a fit with a different model or options."""
+    """An output store was written by a fit with a different model, options or input."""
+
+
+class StoreExistsError(SheapDaskError, FileExistsError):
+    """An output path holds data sheap_dask did not write (or the input): it is never overwritten."""
+
+
+class StoreLockedError(SheapDaskError, RuntimeError):
+    """Another process is writing the output store (or left a stale lock on it)."""
+
+
+class NotAStoreError(SheapDaskError, ValueError):
+    """A path given as a sheap_dask store is not one (missing, a file, or foreign data)."""
 
 
 class MissingDependencyError(SheapDaskError, ImportError):
     """An optional dependency is needed for this feature and is not installed."""
+
+
+class PartialStoreWarning(UserWarning):
+    """A fit store opened for analysis is incomplete: some chunks were never fitted (status pending)."""
+
+
+class ResumeWarning(UserWarning):
+    """Resume found a chunk marked done whose data fail the check recorded with the marker; it is refitted."""
+
+
+class NoDataWarning(UserWarning):
+    """Every spectrum of a fit has status no_data; the message names the likely cause."""
 
 
 class ClusterWarning(UserWarning):

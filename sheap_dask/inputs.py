@@ -180,37 +180,152 @@ def _auto_chunk_size(model, n_pix: int) -> int:
 
 
 def prepare_init(init, model, inputs: Inputs) -> xr.DataArray:
-    """Initial values as a (dim, param) float64 DataArray, NaN where the model decides."""
-    names = model.param_names
-    dim = inputs.dim
+    """Initial values as a (dim, param) float64 DataArray, NaN where the model decides.
+
+    ``init`` is a (dim, param) DataArray (labels matched), a numpy array of shape
+    ``(n_params,)`` (the same for every spectrum) or ``(n_spectra, n_params)``, or a mapping
+    name -> scalar, (n_spectra,) array or (dim,) DataArray. Anything else is an error that
+    names ``init``, what was expected and what was given.
+    """
+    names = list(model.param_names)
+    dim, n = inputs.dim, inputs.n_spectra
     base = xr.DataArray(
-        da.full((inputs.n_spectra, len(names)), np.nan, chunks=(inputs.chunks, -1)),
+        da.full((n, len(names)), np.nan, chunks=(inputs.chunks, -1)),
         dims=(dim, "param"),
         coords={"param": names},
     )
     if init is None:
         return base
+    if isinstance(init, (np.ndarray, list, tuple)):
+        arr = np.asarray(init, dtype=np.float64)
+        if arr.shape == (len(names),):
+            arr = np.broadcast_to(arr, (n, len(names)))
+        elif arr.shape != (n, len(names)):
+            raise InputDataError(
+                f"init has shape {arr.shape}; expected ({len(names)},) (one value per parameter: {names}) or "
+                f"({n}, {len(names)}) (spectra x parameters)."
+            )
+        out = xr.DataArray(arr, dims=(dim, "param"), coords={"param": names})
+        return out.chunk({dim: inputs.chunks, "param": -1})
     if isinstance(init, xr.DataArray):
         if "param" not in init.dims:
             raise InputDataError(f"init DataArray has dims {init.dims}; expected ({dim!r}, 'param') with a 'param' coordinate of parameter names.")
+        extra = [d for d in init.dims if d not in (dim, "param")]
+        if extra:
+            raise InputDataError(f"init DataArray has dims {init.dims}; expected ({dim!r}, 'param') (or ('param',)); {extra} are not allowed.")
+        if "param" not in init.coords:
+            raise InputDataError(f"init DataArray has no 'param' coordinate; label its values with the parameter names {names}.")
         given = [str(p) for p in init["param"].values]
+        _check_init_spectra(init, inputs, "init")
         items = {p: init.sel(param=p) for p in given}
     elif isinstance(init, Mapping):
         items = dict(init)
         given = list(items)
     else:
-        raise InputDataError(f"init must be a DataArray (spectrum, param) or a dict name -> value, got {type(init).__name__}.")
+        raise InputDataError(
+            f"init must be a DataArray (spectrum, param), a numpy array or a dict name -> value, got {type(init).__name__}."
+        )
     unknown = [p for p in given if p not in names]
     if unknown:
         raise InputDataError(f"init has unknown parameter names {unknown}; the model's parameters are {names}.")
     columns = []
     for p in names:
         if p in items:
-            value = items[p]
-            col = xr.DataArray(value) if not isinstance(value, xr.DataArray) else value
-            col = col.astype(np.float64).broadcast_like(base.isel(param=0, drop=True))
+            columns.append(_init_column(items[p], p, inputs))
         else:
-            col = base.isel(param=0, drop=True)
-        columns.append(col.drop_vars([c for c in col.coords if c != dim], errors="ignore"))
+            columns.append(base.isel(param=0, drop=True))
     out = xr.concat(columns, dim="param").transpose(dim, "param").assign_coords(param=names)
     return out.chunk({dim: inputs.chunks, "param": -1})
+
+
+def _check_init_spectra(value: xr.DataArray, inputs: Inputs, label: str) -> None:
+    """A (dim, ...) DataArray of initial values must have the input's spectra, by label when both have them."""
+    dim, n = inputs.dim, inputs.n_spectra
+    if dim not in value.dims:
+        return
+    if value.sizes[dim] != n:
+        raise InputDataError(f"{label} has {value.sizes[dim]} values along {dim!r}; the input has {n} spectra.")
+    if dim in value.coords and dim in inputs.coords:
+        mine = np.asarray(inputs.coords[dim].values)
+        theirs = np.asarray(value[dim].values)
+        if mine.shape == theirs.shape and not np.array_equal(mine, theirs):
+            k = int(np.flatnonzero(mine != theirs)[0])
+            raise InputDataError(
+                f"{label} labels along {dim!r} do not match the input's: position {k} is {theirs[k].item()!r} in {label}, "
+                f"{mine[k].item()!r} in the input. Reorder it with {label}.sel({dim}=ds.{dim}) or drop its {dim!r} coordinate."
+            )
+
+
+def _init_column(value, name: str, inputs: Inputs) -> xr.DataArray:
+    dim, n = inputs.dim, inputs.n_spectra
+    label = f"init[{name!r}]"
+    if isinstance(value, xr.DataArray):
+        if value.ndim > 1 or (value.ndim == 1 and value.dims != (dim,)):
+            raise InputDataError(f"{label} has dims {value.dims}; expected a scalar or ({dim!r},).")
+        _check_init_spectra(value, inputs, label)
+        col = value.astype(np.float64).drop_vars([c for c in value.coords], errors="ignore")
+        if col.ndim == 0:
+            col = col.expand_dims({dim: n})
+        return col.chunk({dim: inputs.chunks}) if col.chunks is None else col
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    elif arr.shape != (n,):
+        raise InputDataError(f"{label} has shape {arr.shape}; expected a scalar or ({n},) (one value per spectrum).")
+    return xr.DataArray(arr, dims=(dim,)).chunk({dim: inputs.chunks})
+
+
+def no_data_cause(inputs: Inputs, model) -> str:
+    """Why every spectrum of a fit got ``no_data``, most likely: the observed and rest-frame
+    wavelength ranges of the input against the model's window, and what to change."""
+    import dask
+
+    if inputs.wavelength_values is not None:
+        lo, hi = float(np.nanmin(inputs.wavelength_values)), float(np.nanmax(inputs.wavelength_values))
+    else:
+        wl = inputs.wavelength_2d.data
+        lo, hi = (float(v) for v in dask.compute(da.nanmin(wl), da.nanmax(wl)))
+    n = inputs.n_spectra
+    text = f"all {n} spectra have status no_data (not fitted): the observed wavelengths span {lo:.6g} to {hi:.6g}"
+    window = getattr(model, "window", None)
+    zlo = zhi = None
+    if inputs.redshift is not None:
+        zlo, zhi = (float(v) for v in dask.compute(da.nanmin(inputs.redshift.data), da.nanmax(inputs.redshift.data)))
+        if np.isfinite(zlo) and np.isfinite(zhi) and zlo > -1:
+            rest = (lo / (1 + zhi), hi / (1 + zlo))
+            text += f", i.e. rest frame {rest[0]:.6g} to {rest[1]:.6g} for redshifts {zlo:.4g} to {zhi:.4g}"
+        else:
+            rest = (lo, hi)
+    else:
+        rest = (lo, hi)
+        text += " (no redshift variable: taken as rest frame)"
+    if window:
+        text += f"; the model {getattr(model, 'name', '')!r} needs rest frame {window[0]:.6g} to {window[1]:.6g} Angstrom"
+    if lo <= 0:
+        cause = "the wavelengths include zero or negative values: they must be positive, in Angstrom"
+    elif hi < 1000:
+        unit = "micrometres (multiply by 1e4)" if hi < 30 else "nanometres (multiply by 10)"
+        cause = f"the wavelengths look like {unit}: sheap_dask expects Angstrom"
+    elif window and (rest[1] <= window[0] or rest[0] >= window[1]):
+        if inputs.redshift is None:
+            cause = (
+                "the model's window lies outside the spectra; if they are observed-frame spectra, give their redshifts "
+                "(a per-spectrum 'redshift' variable, or redshift='<name>')"
+            )
+        else:
+            cause = "at these redshifts the model's window lies outside the spectra: fit a region they cover" + _regions_covering(rest)
+    elif window and (rest[0] > window[0] or rest[1] < window[1]):
+        cause = (
+            "the spectra cover only part of the model's window, less than sheap_dask.coverage requires: fit a region "
+            "they cover" + _regions_covering(rest)
+        )
+    else:
+        cause = "the window is covered, but no spectrum has enough usable pixels there: check ivar (0 masks a pixel) and NaN flux"
+    return f"{text}. Likely cause: {cause}."
+
+
+def _regions_covering(rest: tuple[float, float]) -> str:
+    from .models.regions import REGIONS
+
+    names = [name for name, spec in REGIONS.items() if rest[0] <= spec.window[0] and spec.window[1] <= rest[1]]
+    return f" (built-in regions inside the rest-frame range: {', '.join(names)})" if names else " (no built-in region lies inside the rest-frame range)"

@@ -2,6 +2,10 @@
 
 A batched solve never raises for the batch: every spectrum gets one of these codes, stored
 in the result Dataset's ``status`` variable with CF ``flag_values``/``flag_meanings`` attrs.
+
+``PENDING`` is never the outcome of a fit: it is the fill value of a fit store's ``status``
+array, so the rows of a chunk that was never written read as "not fitted yet", not as
+``converged`` (0).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Status(enum.IntEnum):
     NO_DATA = 3
     NONFINITE = 4
     FAILED = 5
+    PENDING = -1
 
     @property
     def message(self) -> str:
@@ -45,6 +50,7 @@ _MESSAGES = {
     Status.NO_DATA: "no usable pixel (or fewer than the free parameters): not fitted",
     Status.NONFINITE: "the loss or the parameters became NaN or infinite",
     Status.FAILED: "the fit failed (and the fallback, if any, did not recover it)",
+    Status.PENDING: "not fitted yet: this row's chunk was never written into the store (an interrupted or running fit)",
 }
 
 

@@ -55,7 +55,23 @@ def expand_files(files: str | os.PathLike | Iterable[str | os.PathLike], kind: s
     for s in out:
         if not os.path.isfile(s):
             raise FileNotFoundError(f"{kind.split()[0]} spectrum file not found: {s!r} (argument files); check the path")
-    return out
+    # The same file twice (two globs, a path and a link): read once, at its first place.
+    seen: set[str] = set()
+    unique, repeats = [], []
+    for s in out:
+        key = os.path.realpath(s)
+        if key in seen:
+            repeats.append(s)
+            continue
+        seen.add(key)
+        unique.append(s)
+    if repeats:
+        warnings.warn(
+            f"files: {len(repeats)} of the {len(out)} files given repeat another one (e.g. {repeats[0]!r}); each file is read once",
+            UserWarning,
+            stacklevel=3,
+        )
+    return unique
 
 
 def colmap(columns: Sequence[str]) -> dict[str, str]:
@@ -92,9 +108,17 @@ def scan_files(
     it is left out, and a warning says how many were and names the first.
     """
     keep, metas, bad = [], [], []
-    guarded = functools.partial(_scan_or_error, scan) if skip_bad else scan
+    guarded = functools.partial(_scan_or_error, scan)
     for i, meta in enumerate(pool.map(guarded, files, chunksize=chunksize)):
         if isinstance(meta, InputDataError):
+            if not skip_bad:
+                from ..stores import spell
+
+                # The first bad file names itself, among thousands, with the way past it.
+                raise InputDataError(
+                    f"{meta} (file {i + 1} of {len(files)}; to leave unreadable files out and list them in the "
+                    f"store's attrs['skipped_files'], pass {spell('skip_bad=True')})"
+                ) from meta
             bad.append(str(meta))
         else:
             keep.append(i)

@@ -171,6 +171,7 @@ class _DesiPlan:
     """What a read/ingest needs: the files, the selected rows, the grid and the options."""
 
     variables = ("flux", "ivar", "inst_fwhm")
+    file_kind = "DESI coadd"
 
     def __init__(self, files, *, redshifts, qso_only, missing_redshift, resolution, ebv, dereddening, r_v, fill_value, n_jobs, skip_bad, pool: Executor):
         self.files = expand_files(files, kind="DESI coadd")
@@ -444,6 +445,7 @@ def ingest_desi(
     chunk: int = 256,
     overwrite: bool = False,
     resume: bool = False,
+    force: bool = False,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
@@ -463,7 +465,7 @@ def ingest_desi(
         The output zarr store.
     chunk : int
         Spectra per zarr chunk (256 x 7781 pixels x 3 float32 variables: 24 MB).
-    overwrite, resume, progress, storage_options
+    overwrite, resume, force, progress, storage_options
         As in :func:`sheap_dask.io.ingest_sdss`.
     **kwargs
         Any option of :func:`read_desi_spectra` (``redshifts``, ``qso_only``,
@@ -479,8 +481,8 @@ def ingest_desi(
     >>> ds = ingest_desi("healpix/*/coadd-*.fits", "desi.zarr", redshifts="zpix-main-dark.fits")  # doctest: +SKIP
     """
     return ingest_files(
-        _DesiPlan, read_desi_spectra, files, store, chunk=chunk, overwrite=overwrite, resume=resume, progress=progress,
-        storage_options=storage_options, options=kwargs,
+        _DesiPlan, read_desi_spectra, files, store, chunk=chunk, overwrite=overwrite, resume=resume, force=force,
+        progress=progress, storage_options=storage_options, options=kwargs,
     )
 
 

@@ -220,6 +220,7 @@ class _SdssPlan:
     """What a read/ingest needs: the file list, the grid, the metadata and the options."""
 
     variables = ("flux", "ivar")
+    file_kind = "SDSS spec"
 
     def __init__(self, files, *, mask_bits, ebv, dereddening, r_v, wavelength_range, fill_value, n_jobs, skip_bad, pool: Executor):
         self.files = expand_files(files)
@@ -470,6 +471,7 @@ def ingest_sdss(
     chunk: int = 256,
     overwrite: bool = False,
     resume: bool = False,
+    force: bool = False,
     progress: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
@@ -492,11 +494,17 @@ def ingest_sdss(
         Spectra per zarr chunk (and per read batch). 256 spectra x ~4700 pixels x 2 float32
         variables is ~10 MB, a good dask chunk.
     overwrite : bool
-        Replace an existing store; otherwise an existing store is an error.
+        Replace an existing store written by an ingestion; otherwise an existing store is an
+        error. A path holding anything else (a file, other data, one of the input files or a
+        directory containing them) is always refused and left untouched.
     resume : bool
         Finish an interrupted ingestion: write only the chunks not yet written into the
         existing ``store``, after checking that it was written from the same files (paths,
-        sizes, modification times) and options (a difference is an error that names it).
+        sizes, modification times) and options (a difference is an error that names it) and
+        that every chunk marked done still holds what was written (else it is rewritten).
+    force : bool
+        Break a stale lock on ``store`` (one process writes a store at a time; a lock whose
+        heartbeat stopped ``sheap_dask.store.lock_stale_after`` seconds ago is stale).
     progress : bool
         Show a tqdm progress bar over chunks.
     storage_options : dict, optional
@@ -516,6 +524,6 @@ def ingest_sdss(
     >>> ds = ingest_sdss("spectra/spec-*.fits", "sdss.zarr", chunk=512)  # doctest: +SKIP
     """
     return ingest_files(
-        _SdssPlan, read_sdss_spectra, files, store, chunk=chunk, overwrite=overwrite, resume=resume, progress=progress,
-        storage_options=storage_options, options=kwargs,
+        _SdssPlan, read_sdss_spectra, files, store, chunk=chunk, overwrite=overwrite, resume=resume, force=force,
+        progress=progress, storage_options=storage_options, options=kwargs,
     )

@@ -22,8 +22,23 @@ from typing import Any, Protocol
 import numpy as np
 import xarray as xr
 
-from ..errors import InputDataError, MissingDependencyError, OptionError, ResumeMismatchError
-from ._common import make_pool
+from ..errors import (
+    InputDataError,
+    MissingDependencyError,
+    OptionError,
+    ResumeMismatchError,
+    ResumeWarning,
+)
+from ..stores import (
+    KIND_ATTR,
+    StoreLock,
+    clear_store,
+    describe_path,
+    refuse_foreign,
+    refuse_input_overlap,
+    spell,
+)
+from ._common import expand_files, make_pool
 
 __all__ = ["open_spectra", "write_zarr"]
 
@@ -113,6 +128,7 @@ def open_spectra(path_or_url: Any, **kwargs: Any) -> xr.Dataset:
             stacklevel=2,
         )
     ds.attrs.pop("sheap_ingest_identity", None)
+    ds.attrs.pop(KIND_ATTR, None)  # a copy written elsewhere is not one of our stores
     return ds
 
 
@@ -125,6 +141,8 @@ def quiet_consolidated():
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        # zarr's walk of the hierarchy (consolidating metadata) meets our lock file
+        warnings.filterwarnings("ignore", message=r"Object at sheap_lock\.json.* is not recognized as a component")
         yield
 
 
@@ -215,14 +233,22 @@ def lazy_dataset(plan: BlockSource, chunk: int, *, name: str, spectrum_dim: str,
 INGEST_PROGRESS = "sheap_ingest_progress"
 
 
-def check_store(store: Any, *, overwrite: bool, resume: bool = False) -> None:
-    """Refuse an existing local store unless asked to replace it or resume into it (checked
-    before the files are scanned, so a long scan does not end in this error)."""
-    if store_exists(store) and not (overwrite or resume):
+def check_store(store: Any, *, overwrite: bool, resume: bool = False, files: Any = (), storage_options=None):
+    """What is at ``store``, checked before the files are scanned (so a long scan does not end
+    in this error): refuse a file, data that is not an ingested store, a path that is or
+    contains an input file, and an ingested store unless asked to replace or resume it."""
+    so = dict(storage_options) if storage_options else None
+    if not isinstance(store, (str, os.PathLike)):  # a zarr store object: the caller's business
+        return None
+    refuse_input_overlap(store, files, storage_options=so, what="an input file")
+    info = describe_path(store, so)
+    refuse_foreign(info, "spectra")
+    if info.kind == "spectra" and not (overwrite or resume):
         raise OptionError(
-            f"store {os.fspath(store)!r} already exists; pass overwrite=True to replace it "
-            "(or resume=True to finish an interrupted ingestion into it)"
+            f"store {os.fspath(store)!r} already exists (an ingested spectra store); pass {spell('overwrite=True')} to replace it "
+            f"(or {spell('resume=True')} to finish an interrupted ingestion into it)"
         )
+    return info
 
 
 def _identity(plan: BlockSource, chunk: int) -> dict[str, Any]:
@@ -269,6 +295,57 @@ def _resume_flags(store: Any, identity: dict[str, Any], n_chunks: int, so) -> np
     return np.asarray(done, dtype=bool)[:n_chunks]
 
 
+def _block_checksum(arrays) -> int:
+    from ..store import digest
+
+    return digest(np.array([digest(np.asarray(a, dtype=np.float32)) for a in arrays], dtype=np.int64))
+
+
+def _verify_blocks(store, so, plan, starts, done, chunk, pool) -> np.ndarray:
+    """Keep the done flag of a block only if its data, read back, match the checksum
+    recorded with it (``sheap_dask.store.verify_ingest``: all, sample or none)."""
+    import zarr
+
+    from .. import config
+
+    mode = str(config.get("store.verify_ingest"))
+    marked = np.flatnonzero(done)
+    if mode == "none" or not marked.size:
+        return done
+    if mode == "sample":
+        marked = marked[np.unique(np.linspace(0, marked.size - 1, min(8, marked.size)).round().astype(int))]
+    elif mode != "all":
+        raise OptionError(f"sheap_dask.store.verify_ingest={mode!r}: use all, sample or none")
+    group = zarr.open_group(store, mode="r", storage_options=so, use_consolidated=False)
+    try:
+        record = np.asarray(group[f"{INGEST_PROGRESS}/record"][:], dtype=np.int64)
+    except KeyError:
+        raise ResumeMismatchError(
+            f"cannot resume into {store!r}: it was written by an earlier sheap_dask without per-chunk checksums; "
+            f"pass {spell('overwrite=True')} to replace it"
+        ) from None
+    n = plan.n_spectra
+
+    def check(i: int) -> bool:
+        start = starts[i]
+        stop = min(start + chunk, n)
+        arrays = [group[v][start:stop] for v in plan.variables]
+        return _block_checksum(arrays) == int(record[i])
+
+    bad = [int(i) for i, ok in zip(marked, pool.map(check, marked.tolist())) if not ok]
+    if bad:
+        done = done.copy()
+        done[bad] = False
+        where = ", ".join(f"{i} (spectra {starts[i]}-{min(starts[i] + chunk, n) - 1})" for i in bad[:5])
+        warnings.warn(
+            f"resume of {store!r}: {len(bad)} chunk(s) marked done do not match the checksum recorded when they were "
+            f"written and are written again: {where}" + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else ""),
+            ResumeWarning,
+            stacklevel=4,
+        )
+    return done
+
+
 def _mark_complete(store: Any, so) -> None:
     import zarr
 
@@ -290,45 +367,68 @@ def ingest(
     spectrum_dim: str,
     wavelength_dim: str,
     resume: bool = False,
+    force: bool = False,
 ) -> xr.Dataset:
     """Write ``plan``'s spectra into ``store`` chunk by chunk; return the opened store.
 
     The coordinates and the metadata of the variables are written first; then block ``i + 1``
     is read (in ``files_pool``) while block ``i`` is written with ``to_zarr(region=...)``, so
     at most two blocks are in memory. Each written block is marked done in the store's
-    ``sheap_ingest_progress`` group; ``resume=True`` on an existing store written from the same
-    files and options writes only the blocks not yet done. ``attrs["sheap_ingest_complete"]``
-    is 0 until the last block is written.
+    ``sheap_ingest_progress`` group with its checksum; ``resume=True`` on an existing store
+    written from the same files and options writes only the blocks not yet done (or whose
+    data no longer match their checksum). ``attrs["sheap_ingest_complete"]`` is 0 until the
+    last block is written. The store is locked while written (:class:`~sheap_dask.stores.StoreLock`).
     """
-    import dask.array as da
-    import zarr
-
-    n, nw = plan.n_spectra, plan.n_wave
+    n = plan.n_spectra
     if n == 0:
         raise InputDataError("no spectrum to ingest: every spectrum was left out (see the warnings above)")
     starts = list(range(0, n, chunk))
     so = dict(storage_options) if storage_options else None
     identity = _identity(plan, chunk)
-    if resume and store_exists(store):
+    lock = StoreLock(store, so, force=force, purpose="an ingestion") if isinstance(store, (str, os.PathLike)) else None
+    with lock if lock is not None else contextlib.nullcontext():
+        return _ingest_locked(plan, store, files_pool, identity, starts, chunk=chunk, overwrite=overwrite, progress=progress, so=so,
+                              spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim, resume=resume, lock=lock)
+
+
+def _ingest_locked(plan, store, files_pool, identity, starts, *, chunk, overwrite, progress, so, spectrum_dim, wavelength_dim, resume, lock):
+    import dask.array as da
+    import zarr
+
+    n, nw = plan.n_spectra, plan.n_wave
+    info = check_store(store, overwrite=overwrite, resume=resume, storage_options=so)  # again, now that we hold the lock
+    if resume and info is not None and info.kind == "spectra":
         done = _resume_flags(store, identity, len(starts), so)
+        done = _verify_blocks(store, so, plan, starts, done, chunk, files_pool)
     else:
         lazy = da.zeros((n, nw), dtype=np.float32, chunks=(chunk, nw))
         template = plan.dataset((lazy,) * len(plan.variables), spectrum_dim=spectrum_dim, wavelength_dim=wavelength_dim)
-        template.attrs.update(sheap_ingest_identity=json.dumps(identity), sheap_ingest_complete=0)
+        template.attrs.update({KIND_ATTR: "spectra", "sheap_ingest_identity": json.dumps(identity), "sheap_ingest_complete": 0})
         encoding = {v: {"chunks": (chunk, nw)} for v in plan.variables}
         # per-spectrum coordinates chunked like the data, so the opened store has one set of
         # chunks along spectrum (``ds.chunks`` raises on inconsistent chunks)
         encoding.update({c: {"chunks": (chunk,)} for c, v in template.coords.items() if v.dims == (spectrum_dim,)})
+        if info is not None and info.kind == "spectra":  # overwrite=True: replace our own store only
+            clear_store(store, info, so)
         # Coordinates (numpy) are written now; the dask-backed variables only get their metadata.
+        # mode "a": the directory holds our lock, which mode "w" would delete.
         with quiet_consolidated():
-            template.to_zarr(store, mode="w" if overwrite else "w-", compute=False, encoding=encoding, storage_options=so)
+            if info is not None:
+                zarr.open_group(store, mode="a", storage_options=so).attrs.update({KIND_ATTR: "spectra"})
+            template.to_zarr(store, mode="a" if info is not None else ("w" if overwrite else "w-"), compute=False,
+                             encoding=encoding, storage_options=so)
         zarr.create_array(
             store, name=f"{INGEST_PROGRESS}/done", shape=(len(starts),), chunks=(len(starts),), dtype="int8",
+            fill_value=0, overwrite=True, storage_options=so,
+        )
+        zarr.create_array(
+            store, name=f"{INGEST_PROGRESS}/record", shape=(len(starts),), chunks=(len(starts),), dtype="int64",
             fill_value=0, overwrite=True, storage_options=so,
         )
         done = np.zeros(len(starts), dtype=bool)
     todo = [s for s, d in zip(starts, done) if not d]
     flags = zarr.open_array(store, path=f"{INGEST_PROGRESS}/done", mode="r+", storage_options=so)
+    record = zarr.open_array(store, path=f"{INGEST_PROGRESS}/record", mode="r+", storage_options=so)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -347,7 +447,10 @@ def ingest(
                 xr.Dataset({v: (dims, a) for v, a in zip(plan.variables, arrays)}).to_zarr(
                     store, region={spectrum_dim: slice(start, stop)}, storage_options=so
                 )
+            record[start // chunk] = _block_checksum(arrays)
             flags[start // chunk] = 1  # only after the region is written: a killed write is redone
+            if lock is not None:
+                lock.check()
             if bar is not None:
                 bar.update(stop - start)
     if bar is not None:
@@ -383,13 +486,15 @@ def ingest_files(
     progress: bool,
     storage_options: Mapping[str, Any] | None,
     options: Mapping[str, Any],
+    force: bool = False,
 ) -> xr.Dataset:
     """What every ``ingest_*`` does: check the options against ``reader``'s and the store, plan,
     and stream the plan into ``store`` with :func:`ingest`."""
     chunk = check_chunk(chunk)
     caller = reader.__name__.replace("read_", "ingest_").replace("_spectra", "")  # read_sdss_spectra -> ingest_sdss
     options = reader_options(reader, options, caller)
-    check_store(store, overwrite=overwrite, resume=resume)
+    files = expand_files(files, kind=getattr(plan_class, "file_kind", "SDSS spec"))
+    check_store(store, overwrite=overwrite, resume=resume, files=files, storage_options=storage_options)
     spectrum_dim, wavelength_dim = options.pop("spectrum_dim"), options.pop("wavelength_dim")
     with make_pool(options.pop("parallel"), options["n_jobs"]) as files_pool:
         plan = plan_class(files, pool=files_pool, **options)
@@ -404,4 +509,5 @@ def ingest_files(
             spectrum_dim=spectrum_dim,
             wavelength_dim=wavelength_dim,
             resume=resume,
+            force=force,
         )
