@@ -170,7 +170,12 @@ def _scheduler_arg(value: str) -> str:
 def _client(args):
     """(client, cluster): of the scheduler at ``--scheduler``, else of a local cluster started here."""
     if args.scheduler is None:
-        from .cluster import start_default_cluster
+        import dask
+
+        from .cluster import LOCAL_SCHEDULERS, start_default_cluster
+
+        if dask.config.get("scheduler", None) in LOCAL_SCHEDULERS:  # e.g. synchronous, set in Python
+            return None, None
 
         # Worker warnings (cancelled tasks at Ctrl-C, ...) only with -v.
         return start_default_cluster(silence_logs=logging.WARNING if args.verbose else logging.ERROR)
@@ -221,7 +226,7 @@ def _cmd_demo(args) -> int:
     from .errors import StoreExistsError
     from .fit import fit_dataset
     from .models import region
-    from .stores import cli_spelling, describe_path
+    from .stores import cli_spelling, describe_path, preflight
     from .synthetic import synthetic_spectra
 
     n = args.n or config.get("cli.demo_n")
@@ -234,6 +239,7 @@ def _cmd_demo(args) -> int:
             f"--store {store!r} is a fit store not written by sheap-dask demo; the demo replaces only its own stores. "
             "Pass another --store."
         )
+    preflight(store, "fit", force=args.force)
     print(f"sheap-dask {__version__} demo: {n} synthetic H-beta-region quasar spectra, chunks of {chunk}")
     ds = synthetic_spectra(n, seed=args.seed).chunk({"spectrum": chunk})
     model = region("hbeta")
@@ -268,7 +274,10 @@ def _cmd_fit(args) -> int:
     from .fit import fit_dataset
     from .status import Status
 
+    from .stores import preflight
+
     model = _region_model(args)
+    preflight(args.output, "fit", [args.input], force=args.force)  # before a cluster starts
     with _cluster(args) as client:
         t0 = time.perf_counter()
         fits = fit_dataset(

@@ -23,14 +23,14 @@ from . import config
 
 logger = logging.getLogger("sheap_dask.fit")
 
-_LOCAL_SCHEDULERS = {"sync", "synchronous", "single-threaded", "threads", "threading", "processes", "multiprocessing"}
+LOCAL_SCHEDULERS = {"sync", "synchronous", "single-threaded", "threads", "threading", "processes", "multiprocessing"}
 
 
 def resolve_client(client):
     """(client, cluster started here or None); client None means dask's local scheduler."""
     if client is not None:
         return client, None
-    if dask.config.get("scheduler", None) in _LOCAL_SCHEDULERS:
+    if dask.config.get("scheduler", None) in LOCAL_SCHEDULERS:
         return None, None
     from distributed import default_client
 

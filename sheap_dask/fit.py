@@ -217,6 +217,10 @@ def fit_dataset(
     init_da = prepare_init(init, model, inputs)
     attrs = _result_attrs(model, options, source, inputs)
 
+    if store is not None:  # refusals (foreign data, the input, another writer) before a cluster starts
+        from .stores import preflight
+
+        preflight(store, "fit", [source or ds.encoding.get("source")], storage_options=storage_options, force=force)
     client, own_cluster = resolve_client(client)
     if client is not None:
         for message in worker_problems(client.scheduler_info().get("workers", {})):

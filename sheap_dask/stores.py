@@ -201,6 +201,17 @@ def refuse_input_overlap(store: Any, inputs: Iterable[Any], *, argument: str = "
         )
 
 
+def preflight(store: Any, kind: str, inputs: Iterable[Any] = (), *, storage_options=None, force: bool = False, what: str = "the input") -> PathInfo:
+    """Every refusal that can be known before any work starts: the input, foreign data, a
+    lock held by another writer. Returns what is at ``store``."""
+    refuse_input_overlap(store, inputs, storage_options=storage_options, what=what)
+    info = describe_path(store, storage_options)
+    refuse_foreign(info, kind)
+    if info.kind != "missing":
+        StoreLock(store, storage_options, force=force).probe()
+    return info
+
+
 def clear_store(store: Any, info: PathInfo, storage_options=None) -> None:
     """Delete the contents of one of our stores (``info.ours``), keeping the lock file."""
     if not info.ours:  # pragma: no cover - the callers check first; a last line of defence
@@ -338,6 +349,33 @@ class StoreLock:
             return "dead", age
         return ("stale" if age > self.stale_after else "live"), age
 
+    def _judge(self, record: Mapping[str, Any]) -> tuple[str, float]:
+        """The verdict on another process's lock: raise unless it may be broken (a dead
+        holder of this host, or a stale lock with ``force``)."""
+        verdict, age = self._verdict(record)
+        holder = self.describe(record)
+        if verdict == "stale" and not self.force:
+            raise StoreLockedError(
+                f"store {self.store!r} is locked by {holder}, whose last heartbeat was {age:.0f} s ago (a lock is stale "
+                f"after {self.stale_after:.0f} s without one): that writer was probably killed. If no other process is "
+                f"writing this store, pass {spell('force=True')} to break the lock."
+            )
+        if verdict == "live":
+            raise StoreLockedError(
+                f"store {self.store!r} is being written by {holder} (last heartbeat {age:.0f} s ago); a second writer "
+                f"would mix its results with that one's. Wait for it to finish, or stop it first; if it was killed, its "
+                f"lock goes stale {self.stale_after:.0f} s after its last heartbeat and {spell('force=True')} breaks it."
+            )
+        return verdict, age
+
+    def probe(self) -> None:
+        """Raise now if :meth:`acquire` would be refused (before a cluster is started, say);
+        takes nothing."""
+        if self.fs.exists(self.path):
+            record = self._read()
+            if record is not None:
+                self._judge(record)
+
     # -- acquire / release --------------------------------------------------------------
     def acquire(self) -> Self:
         self.fs.makedirs(self.root, exist_ok=True)
@@ -347,7 +385,7 @@ class StoreLock:
             record = self._read()
             if record is None:  # released between our attempt and the read: try again
                 continue
-            verdict, age = self._verdict(record)
+            verdict, age = self._judge(record)
             holder = self.describe(record)
             if verdict == "dead":
                 warnings.warn(
@@ -355,24 +393,12 @@ class StoreLock:
                     UserWarning,
                     stacklevel=3,
                 )
-            elif verdict == "stale" and self.force:
+            else:  # stale, and force=True
                 warnings.warn(
                     f"store {self.store!r}: breaking the stale lock of {holder} (last heartbeat {age:.0f} s ago), as asked by "
                     f"{spell('force=True')}.",
                     UserWarning,
                     stacklevel=3,
-                )
-            elif verdict == "stale":
-                raise StoreLockedError(
-                    f"store {self.store!r} is locked by {holder}, whose last heartbeat was {age:.0f} s ago (a lock is stale "
-                    f"after {self.stale_after:.0f} s without one): that writer was probably killed. If no other process is "
-                    f"writing this store, pass {spell('force=True')} to break the lock."
-                )
-            else:
-                raise StoreLockedError(
-                    f"store {self.store!r} is being written by {holder} (last heartbeat {age:.0f} s ago); a second writer "
-                    f"would mix its results with that one's. Wait for it to finish, or stop it first; if it was killed, its "
-                    f"lock goes stale {self.stale_after:.0f} s after its last heartbeat and {spell('force=True')} breaks it."
                 )
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self.path)
