@@ -90,6 +90,8 @@ def result_variables(options: ChunkOptions, model=None) -> dict[str, tuple[tuple
         out.update(LINE_VARIABLES)
     if options.return_history:
         out["loss_history"] = (("step",), "float64")
+    if options.n_mc:
+        out["params_mc"] = (("draw", "param"), "float64")
     return out
 
 
@@ -100,6 +102,8 @@ def result_sizes(options: ChunkOptions, model) -> dict[str, int]:
         sizes["line"] = len(model_lines(model))
     if options.return_history:
         sizes["step"] = int(options.num_steps)
+    if options.n_mc:
+        sizes["draw"] = int(options.n_mc)
     return sizes
 
 
@@ -153,16 +157,68 @@ def fit_chunk(
     options = (options or ChunkOptions()).resolved()
     check_penalty(options, penalty_function)
     traces_before, t0 = compile_stats()["traces"], time.perf_counter()
-    if getattr(model, "continuum_stage", None) is not None:
-        out = _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
-    else:
-        out = _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    out = _fit_any(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    if options.n_mc:
+        out["params_mc"] = _resample(model, out, wavelength, flux, ivar, redshift, options, pad_to, penalty_function)
     compiled = compile_stats()["traces"] != traces_before
     _STATS["chunks"] += 1
     if compiled:
         _STATS["compiling_chunks"] += 1
     _STATS["compiling_seconds" if compiled else "warm_seconds"] += time.perf_counter() - t0
     return out
+
+
+def _fit_any(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function) -> dict[str, np.ndarray]:
+    if getattr(model, "continuum_stage", None) is not None:
+        return _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    return _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+
+
+def _resample(model, out, wavelength, flux, ivar, redshift, options, pad_to, penalty_function) -> np.ndarray:
+    """(n_spectra, n_mc, n_params) parameters of ``n_mc`` refits of each fitted spectrum with
+    Gaussian noise drawn from its ivar added (the resampling errors of PyQSOFit and the
+    DR16Q catalogue), through the same batched solve as the fit, from the best fit.
+
+    The noise of each spectrum comes from a generator seeded by its own (unit-free) data, so
+    a spectrum gets the same realizations in any chunk and any flux unit. A realization whose
+    refit does not converge is NaN. Realizations start at the best fit, so they skip the
+    restarts and the SLSQP fallback and make one absorber pass.
+    """
+    import dataclasses
+    import hashlib
+
+    n_spec, n_mc = np.shape(flux)[0], int(options.n_mc)
+    result = np.full((n_spec, n_mc, model.n_params), np.nan)
+    rows = np.flatnonzero(np.isin(out["status"], [s.value for s in Status if s.ok]))
+    if rows.size == 0:
+        return result
+    flux = np.asarray(flux, dtype=np.float64)
+    ivar = np.asarray(ivar, dtype=np.float64)
+    with np.errstate(all="ignore"):
+        err = np.where(ivar > 0, 1.0 / np.sqrt(np.where(ivar > 0, ivar, 1.0)), 0.0)
+    draws = np.empty((rows.size, n_mc, flux.shape[1]))
+    for k, i in enumerate(rows):  # one generator per spectrum (drawing only; the fits are batched)
+        unit_free = _round_bits(np.nan_to_num(flux[i] / out["flux_scale"][i]))
+        seed = int.from_bytes(hashlib.sha256(unit_free.tobytes()).digest()[:8], "little")
+        draws[k] = np.random.default_rng(seed).standard_normal((n_mc, flux.shape[1]))
+    noisy = (flux[rows, None, :] + err[rows, None, :] * draws).reshape(-1, flux.shape[1])
+    take = np.repeat(rows, n_mc)
+    wl = np.asarray(wavelength)
+    z = None if redshift is None else np.asarray(redshift)[take]
+    start = out["params"][take]
+    # from the best fit: no restarts, one absorber pass, no SLSQP
+    quiet = dataclasses.replace(options, n_mc=0, fallback="none", return_history=False, restarts=False,
+                                absorber_iterations=min(1, options.absorber_iterations))
+    batch = max(int(pad_to or n_spec), n_spec)
+    fitted = np.full((take.size, model.n_params), np.nan)
+    for first in range(0, take.size, batch):  # groups of the compiled batch size, not a loop over spectra
+        sl = slice(first, first + batch)
+        part = _fit_any(model, wl[take[sl]] if wl.ndim == 2 else wl, noisy[sl], ivar[take[sl]], None if z is None else z[sl], start[sl],
+                        quiet, batch, penalty_function)
+        ok = np.isin(part["status"], [s.value for s in Status if s.ok])
+        fitted[sl] = np.where(ok[:, None], part["params"], np.nan)
+    result[rows] = fitted.reshape(rows.size, n_mc, model.n_params)
+    return result
 
 
 class _Chunk:
@@ -446,9 +502,14 @@ def _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx) -> 
     n_spec = flux.shape[0]
     start = np.broadcast_to(np.asarray(model.params.values, dtype=np.float64), (n_spec, compiled.n_params)).copy()
     rows = good_idx
+    if init is not None:  # the model's estimate only where init leaves a value open
+        open_ = ~np.all(np.isfinite(np.asarray(init, dtype=np.float64)[rows]), axis=1) if np.shape(init) == start.shape else np.ones(rows.size, bool)
+        rows = rows[open_]
     wl_g = wl[rows] if wl.ndim == 2 else wl
     with np.errstate(all="ignore"):
-        start[rows] = model.initial_values(wl_g, np.where(usable[rows], flux[rows], np.nan), np.where(usable[rows], ivar[rows], 0.0), clip=False)
+        if rows.size:
+            start[rows] = model.initial_values(wl_g, np.where(usable[rows], flux[rows], np.nan), np.where(usable[rows], ivar[rows], 0.0),
+                                               clip=False)
     if init is not None:
         init = np.asarray(init, dtype=np.float64)
         if init.shape != start.shape:

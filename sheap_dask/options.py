@@ -70,6 +70,7 @@ class ChunkOptions:
     coverage_line: float | None = None
     coverage_continuum: float | None = None
     detection_sigma: float | None = None
+    n_mc: int | None = None
 
     _CONFIG_KEYS = {
         "method": "fit.method",
@@ -107,6 +108,7 @@ class ChunkOptions:
         "coverage_line": "coverage.line",
         "coverage_continuum": "coverage.continuum",
         "detection_sigma": "lines.detection_sigma",
+        "n_mc": "fit.n_mc",
     }
 
     def resolved(self) -> ChunkOptions:
@@ -198,7 +200,7 @@ class ChunkOptions:
     _RUNTIME_ONLY = ("fallback", "fallback_tol", "fallback_maxiter", "fallback_redchi2_sigma", "pinned_fraction", "error_scale",
                      "min_extra_pixels", "return_history", "restarts", "redchi2_sigma", "pinned_tolerance", "absorber_iterations",
                      "absorber_sigma", "absorber_grow", "absorber_max_width", "absorber_max_fraction", "coverage_min", "coverage_flag",
-                     "coverage_line", "coverage_continuum", "detection_sigma")
+                     "coverage_line", "coverage_continuum", "detection_sigma", "n_mc")
 
     def compile_key(self) -> ChunkOptions:
         """These options with the fields that do not change compiled code cleared: the part
@@ -244,6 +246,7 @@ _RANGES = (
     ("coverage_line", 0, False, 1.0, float),
     ("coverage_continuum", 0, False, 1.0, float),
     ("detection_sigma", 0, False, np.inf, float),
+    ("n_mc", 0, False, 10000, int),
 )
 # field -> how a user passes it to fit_dataset
 _ARGUMENTS = {
