@@ -135,6 +135,13 @@ def test_all_no_data_exits_non_zero_unless_allowed(tmp_path, capsys):
     assert "warning: all 8 spectra have status no_data" in captured.err and "look like nanometres (multiply by 10)" in captured.err
     assert "pass --allow-no-data to exit 0" in captured.err and "no_data                    8" in captured.out
     assert main(["fit", str(nm), str(tmp_path / "b.zarr"), "--no-progress", "--allow-no-data"]) == 0
+    # --model civ on spectra of the H-beta region
+    rest = tmp_path / "rest.zarr"
+    ds.assign_coords(redshift=("spectrum", [0.1] * 8)).to_zarr(rest)
+    assert main(["fit", str(rest), str(tmp_path / "c.zarr"), "--model", "civ", "--no-progress"]) == EXIT_ALL_NO_DATA
+    err = capsys.readouterr().err
+    assert "i.e. rest frame" in err and "the model 'civ' needs rest frame 1445 to 1705 Angstrom" in err
+    assert "at these redshifts the model's window lies outside the spectra" in err
 
 
 @pytest.mark.slow
