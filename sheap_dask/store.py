@@ -34,7 +34,6 @@ import numpy as np
 import xarray as xr
 
 from . import config
-from .chunk import fit_chunk
 from .cluster import progress_bar
 from .errors import (
     NotAStoreError,
@@ -130,6 +129,8 @@ def _open_group(store, storage_options, mode="r"):
 def _fit_and_write(flux, ivar, z, init, wl2d, *, index, start, stop, store, dim, specs, model, wavelength, options, pad_to, has_redshift, penalty_function, storage_options):
     """Worker task: fit one chunk, write it into its region of the store, record its
     checksum and input digests, mark it done."""
+    from .chunk import fit_chunk  # here: opening and checking stores never imports JAX
+
     digests = _input_digests(flux, ivar, z if has_redshift else None, init, wl2d)
     out = fit_chunk(
         model,

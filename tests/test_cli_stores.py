@@ -16,7 +16,7 @@ import xarray as xr
 from datasets import gauss_dataset, gauss_model
 
 import sheap_dask as sd
-from sheap_dask import store as store_mod
+from sheap_dask import chunk as chunk_mod
 from sheap_dask.cli import EXIT_ALL_NO_DATA, main
 from sheap_dask.stores import LOCK_NAME
 
@@ -78,7 +78,7 @@ def test_messages_name_the_cli_flags(tmp_path, capsys):
 def test_info_partial_store_and_not_a_store(spectra, tmp_path, monkeypatch, capsys):
     ds = gauss_dataset(24, chunk=8)
     path = str(tmp_path / "fits.zarr")
-    real, calls = store_mod.fit_chunk, []
+    real, calls = chunk_mod.fit_chunk, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -86,7 +86,7 @@ def test_info_partial_store_and_not_a_store(spectra, tmp_path, monkeypatch, caps
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_mod, "fit_chunk", flaky)
+    monkeypatch.setattr(chunk_mod, "fit_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         sd.fit_dataset(ds, gauss_model(), store=path, **FAST)
     assert main(["info", path]) == 0

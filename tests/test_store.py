@@ -19,7 +19,7 @@ import zarr
 from datasets import gauss_dataset, gauss_model
 
 import sheap_dask as sd
-from sheap_dask import store as store_mod
+from sheap_dask import chunk as chunk_mod
 from sheap_dask.errors import (
     InputDataError,
     NoDataWarning,
@@ -58,7 +58,7 @@ def complete(ds, tmp_path_factory):
 
 def _interrupted(ds, path, monkeypatch, fail_at: int):
     """A store whose fit stopped after ``fail_at`` chunks (the next chunk's task raised)."""
-    real = store_mod.fit_chunk
+    real = chunk_mod.fit_chunk
     calls = []
 
     def flaky(*args, **kwargs):
@@ -67,10 +67,10 @@ def _interrupted(ds, path, monkeypatch, fail_at: int):
             raise KeyboardInterrupt  # what Ctrl-C does to the loop over chunks
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(store_mod, "fit_chunk", flaky)
+    monkeypatch.setattr(chunk_mod, "fit_chunk", flaky)
     with pytest.raises(KeyboardInterrupt):
         sd.fit_dataset(ds, gauss_model(), store=path, **FAST)
-    monkeypatch.setattr(store_mod, "fit_chunk", real)
+    monkeypatch.setattr(chunk_mod, "fit_chunk", real)
 
 
 # ---------------------------------------------------------------------------- case 1
@@ -143,6 +143,14 @@ def test_unfitted_rows_read_pending_and_the_store_says_it_is_partial(ds, complet
     assert progress.describe() == "1 of 3 chunks done; missing chunks 1-2 (spectra 8-23)"
     with pytest.warns(PartialStoreWarning, match=r"partial fit store: 1 of 3 chunks done; missing chunks 1-2 \(spectra 8-23\)"):
         sd.open_fits(path)
+    with pytest.warns(PartialStoreWarning, match=r"partial fit store: 1 of 3 chunks done; missing chunks 1-2"):
+        table = xr.open_zarr(path).sheap.summary()
+    assert table.loc["pending", "count"] == 16 and table.attrs["progress"] == "1 of 3 chunks done; missing chunks 1-2 (spectra 8-23)"
+    assert table.attrs["missing_chunks"] == [1, 2]
+    with pytest.warns(PartialStoreWarning, match="this fit result is a partial fit store: 1 of 3"):  # no path: from the statuses
+        loaded = raw.compute()
+        loaded.encoding = {}
+        loaded.sheap.summary()
     # resume: the rest, and the store equals an uninterrupted run, bit for bit
     resumed = sd.fit_dataset(ds, gauss_model(), store=path, **FAST)
     assert resumed.attrs["sheap_chunks_fitted"] == 2
@@ -150,6 +158,7 @@ def test_unfitted_rows_read_pending_and_the_store_says_it_is_partial(ds, complet
     with warnings.catch_warnings():
         warnings.simplefilter("error", PartialStoreWarning)
         sd.open_fits(path)
+        assert sd.open_fits(path).sheap.summary().attrs["progress"] == "3 of 3 chunks done"
     with pytest.raises(NotAStoreError, match="is not a sheap_dask fit store: nothing is there"):
         sd.open_fits(tmp_path / "nope.zarr")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import xarray as xr
 
@@ -23,7 +25,12 @@ def status_counts(ds: xr.Dataset):
 
 
 def summary(ds: xr.Dataset):
-    """Status table: count, fraction, median reduced chi-square and meaning per status (DataFrame)."""
+    """Status table: count, fraction, median reduced chi-square and meaning per status (DataFrame).
+
+    The table's ``attrs`` say how many chunks are done: ``progress`` ("k of n chunks done"
+    and the missing chunks), ``chunks_done``, ``n_chunks``, ``missing_chunks``. A partial fit
+    store (an interrupted fit: rows with status ``pending``) warns with the chunks missing.
+    """
     import pandas as pd
 
     codes = np.asarray(ds["status"].values).astype(int)
@@ -34,7 +41,25 @@ def summary(ds: xr.Dataset):
         sel = codes == s.value
         med = float(np.nanmedian(redchi2[sel])) if redchi2 is not None and sel.any() and np.isfinite(redchi2[sel]).any() else np.nan
         rows[s.meaning] = {"count": int(sel.sum()), "fraction": sel.sum() / n, "median_redchi2": med, "message": s.message}
-    return pd.DataFrame.from_dict(rows, orient="index")
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    _report_progress(ds, table)
+    return table
+
+
+def _report_progress(ds: xr.Dataset, table) -> None:
+    from ..errors import PartialStoreWarning
+    from ..store import dataset_progress, partial_message
+
+    progress = dataset_progress(ds)
+    if progress is None:
+        return
+    table.attrs.update(
+        progress=progress.describe(), chunks_done=progress.n_done, n_chunks=progress.n_chunks, missing_chunks=progress.missing
+    )
+    if not progress.complete:
+        source = ds.encoding.get("source")
+        where = repr(source) if source else "this fit result"
+        warnings.warn(partial_message(where, progress), PartialStoreWarning, stacklevel=4)
 
 
 def ok(ds: xr.Dataset) -> xr.DataArray:
