@@ -13,6 +13,7 @@ float64 post-processing that gives the objective, the plain chi-square and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Mapping
@@ -255,7 +256,7 @@ class CompiledModel:
             offsets = self.model.params.expand_free(np.zeros(len(free)), start)
             from .slsqp import SLSQP
 
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), contextlib.suppress(Exception):  # compiling is the point, not the result
                 warnings.simplefilter("ignore")
                 SLSQP(tol=options.fallback_tol, maxiter=3).minimize(
                     self.objective_free,

@@ -444,7 +444,7 @@ class Parameters:
         for j, name in enumerate(free):
             E[names.index(name), j] = 1.0
         for target, source, op, operand in self.ties:
-            factor = {"*": operand, "/": 1.0 / operand, "+": 1.0, "-": 1.0}[op]
+            factor = operand if op == "*" else 1.0 / operand if op == "/" else 1.0
             E[names.index(target)] = E[names.index(source)] * factor
         return E, ~np.any(E != 0, axis=1)
 

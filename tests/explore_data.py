@@ -63,8 +63,13 @@ MASKED = [10, 500, 501]
 
 
 def make_spectra() -> xr.Dataset:
+    return spectra_for(PARAMS)
+
+
+def spectra_for(params: np.ndarray) -> xr.Dataset:
+    """Noisy observed-frame spectra of MODEL with these parameters (one row per spectrum)."""
     rest = WL_OBS[None, :] / (1 + Z[:, None])
-    clean = MODEL.evaluate(rest, PARAMS) / (1 + Z[:, None])
+    clean = MODEL.evaluate(rest, params) / (1 + Z[:, None])
     noise = np.random.default_rng(2).normal(0, NOISE, clean.shape)
     ivar = np.full(clean.shape, NOISE**-2)
     ivar[:, MASKED] = 0.0

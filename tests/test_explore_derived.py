@@ -77,3 +77,39 @@ def test_unknown_line_lists_the_model_lines(fits):
         fits.sheap.bh_mass("nope")
     with pytest.raises(ModelError, match="unknown component"):
         fits.sheap.components(names=["feii"])
+
+
+def test_undetected_lines_give_nan_shapes_and_upper_limits_and_errors_use_the_covariance():
+    """A fit result through fit_dataset: one spectrum without a broad line. Its FWHM and mass
+    are NaN (flagged), its log line luminosity a 3-sigma upper limit; errors of the detected
+    ones come from params_cov (correlated), or from params_mc with n_mc."""
+    import dask
+
+    from explore_data import spectra_for
+
+    import sheap_dask as sd
+    from sheap_dask.quality import Quality
+
+    p = PARAMS.copy()
+    p[0, NAMES.index("hb1_flux")] = p[0, NAMES.index("hb2_flux")] = 0.0
+    ds = spectra_for(p)
+    with dask.config.set(scheduler="synchronous"):
+        fits = sd.fit_dataset(ds, MODEL, progress=False, num_steps=200).compute()
+    fits.sheap.use(model=MODEL, spectra=ds)
+    detected = fits.line_detected.sel(line="hbeta_broad").values
+    assert not detected[0] and detected[1:].all()
+    assert fits.quality.values[0] & Quality.BROAD_LINE_UNDETECTED
+    fwhm = fits.sheap.fwhm("hbeta_broad", errors=True)
+    assert np.isnan(fwhm.fwhm_hbeta_broad.values[0]) and np.isfinite(fwhm.fwhm_hbeta_broad.values[1:]).all()
+    assert not fwhm.detected_hbeta_broad.values[0]
+    kept = fits.sheap.fwhm("hbeta_broad", undetected="keep").values
+    assert np.isfinite(kept[0])
+    lum = fits.sheap.line_luminosity("hbeta_broad", log=True, errors=True)
+    name = "log_luminosity_hbeta_broad"
+    assert lum[name + "_upper_limit"].values[0] and np.isnan(lum[name + "_err"].values[0]) and np.isfinite(lum[name].values[0])
+    assert np.all(lum[name + "_err"].values[1:] < 0.2)  # bounded: no 1e5-dex errors
+    assert np.isnan(fits.sheap.bh_mass("vp06_hbeta").values[0])
+    # the summed broad flux: from the covariance (the two Gaussians trade flux), close to the
+    # fit's own line_flux_err, not to the independent-errors estimate
+    flux = fits.sheap.flux("hbeta_broad", errors=True)
+    np.testing.assert_allclose(flux.flux_hbeta_broad_err.values[1:], fits.line_flux_err.sel(line="hbeta_broad").values[1:], rtol=0.25)

@@ -8,18 +8,25 @@ at the best fit and, with ``params_err``, on Monte Carlo draws around it, compil
 
 Error propagation
 -----------------
-For each spectrum, ``n_samples`` (default 100) parameter vectors are drawn: every *free*
-parameter from an independent Gaussian centred on its best-fit value with standard deviation
-``params_err``; draws are clipped into the parameter bounds; fixed parameters keep their
-fitted values and tied parameters are recomputed from their drawn sources, so the ties hold in
-every draw. The quantity is recomputed for each draw and the error is the sample standard
-deviation (ddof=1) of the finite results (NaN if fewer than half are finite, e.g. because a
-used parameter has a NaN error). The draws come from ``jax.random`` keyed by ``seed`` and by
-each spectrum's global index, so results are reproducible and do not depend on how the
-spectra are chunked, and every quantity of one spectrum uses the same draws. Zero errors give
-exactly zero; without ``params_err`` the errors are NaN. Correlations between parameters are
-ignored (the fit reports only marginal errors). Black-hole mass errors are measurement errors
-only: the recipes' intrinsic scatter (``RECIPES[name].scatter_dex``) is not added.
+For each spectrum, ``n_samples`` (default 200) parameter vectors are drawn around the best
+fit, in order of preference:
+
+- ``draws``: the fit's own resampling realizations (``params_mc``, ``fit_dataset(n_mc=25)``:
+  refits of the spectrum plus noise drawn from its ivar), used as they are;
+- ``cov``: the full parameter covariance (``params_cov``): correlated Gaussian draws, so a
+  line made of two anti-correlated Gaussians gets the error of its sum, not of each part;
+  parameters whose covariance is undefined (NaN: a degenerate direction) are held at their
+  best value, and a quantity that depends on any of them gets a NaN error;
+- ``params_err``: independent Gaussian draws (when nothing better is available).
+
+Draws are clipped into the parameter bounds and tied parameters are recomputed from their
+drawn sources, so the ties hold in every draw. The quantity is recomputed for each draw and
+its error is the half-width of the central 68% of the finite results ((p84 - p16) / 2, robust
+to a few wild draws; NaN if fewer than half are finite). Random draws come from
+``jax.random`` keyed by ``seed`` and by each spectrum's global index, so results are
+reproducible and do not depend on how the spectra are chunked. Zero errors give exactly
+zero; without any uncertainty the errors are NaN. Black-hole mass errors are measurement
+errors only: the recipes' intrinsic scatter (``RECIPES[name].scatter_dex``) is not added.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from ..parameters import _apply_op
 
 __all__ = ["DEFAULT_N_SAMPLES", "as_params", "mc_options", "run"]
 
-DEFAULT_N_SAMPLES = 100
+DEFAULT_N_SAMPLES = 200
 
 _COMPILED = LRUCache(64)
 
@@ -84,6 +91,32 @@ def _build_compiled(model, build: Builder, key: tuple, n_samples: int, batch_siz
     def values(params, extra):
         return batched(params, extra)
 
+    def spread(params, s, extra, sensitive):
+        out = batched(s.reshape(-1, m_params), jnp.repeat(extra, s.shape[1]))
+        res = {}
+        for name, val in out.items():
+            val = val.reshape(s.shape[0], s.shape[1])
+            fin = jnp.isfinite(val)
+            lo, hi = jnp.nanpercentile(jnp.where(fin, val, jnp.nan), jnp.array([16.0, 84.0]), axis=1)
+            # identical draws give exactly zero, not rounding
+            half = jnp.where(jnp.all(val == val[:, :1], axis=1), 0.0, 0.5 * (hi - lo))
+            ok = (2 * jnp.sum(fin, axis=1) >= s.shape[1]) & ~sensitive[name]
+            res[name] = jnp.where(ok, half, jnp.nan)
+        return res
+
+    def tied(s):
+        for t, src, op, operand in ties:
+            s = s.at[..., t].set(_apply_op(s[..., src], op, operand))
+        return s
+
+    def undefined_sensitivity(params, extra, undefined):
+        # Does the quantity move when the undefined parameters move by 0.1%? Then its error is
+        # undefined too (a line's FWHM with its width undetermined); a quantity that moves by
+        # less than 1e-6 of itself (a line flux, up to the truncation of its velocity grid) not.
+        tangent = jnp.where(undefined, 1e-3 * jnp.maximum(jnp.abs(params), 1.0), 0.0).astype(params.dtype)
+        out, dout = jax.vmap(lambda p, t, x: jax.jvp(lambda q: f(q, x), (p,), (t,)))(params, tangent, extra)
+        return {k: jnp.any(undefined, axis=1) & ~(jnp.abs(dout[k]) <= 1e-6 * jnp.abs(v)) for k, v in out.items()}
+
     def errors(params, err, lower, upper, index, extra, seed):
         n, m = params.shape
         dtype = params.dtype
@@ -93,24 +126,26 @@ def _build_compiled(model, build: Builder, key: tuple, n_samples: int, batch_siz
         # only free parameters are perturbed; where() keeps NaN errors of fixed/tied ones out
         scale = jnp.where(jnp.asarray(free), err, 0.0)
         s = params[:, None, :] + scale[:, None, :] * z
-        s = jnp.where(jnp.asarray(free), jnp.clip(s, lower, upper), s)
-        for t, src, op, operand in ties:
-            s = s.at[..., t].set(_apply_op(s[..., src], op, operand))
-        out = batched(s.reshape(n * n_samples, m), jnp.repeat(extra, n_samples))
-        res = {}
-        for name, val in out.items():
-            val = val.reshape(n, n_samples)
-            fin = jnp.isfinite(val)
-            cnt = jnp.sum(fin, axis=1)
-            # deviations from one finite draw: identical draws give exactly zero, not rounding
-            ref = jnp.max(jnp.where(fin, val, -jnp.inf), axis=1, keepdims=True)
-            d = jnp.where(fin, val - ref, 0.0)
-            mean = jnp.sum(d, axis=1) / jnp.maximum(cnt, 1)
-            var = jnp.sum(jnp.where(fin, (d - mean[:, None]) ** 2, 0.0), axis=1) / jnp.maximum(cnt - 1, 1)
-            res[name] = jnp.where(2 * cnt >= n_samples, jnp.sqrt(var), jnp.nan)
-        return res
+        s = tied(jnp.where(jnp.asarray(free), jnp.clip(s, lower, upper), s))
+        return spread(params, s, extra, {k: jnp.zeros(n, bool) for k in f(params[0], extra[0])})
 
-    return jax.jit(values), jax.jit(errors)
+    def errors_cov(params, root, undefined, lower, upper, index, extra, seed):
+        n, m = params.shape
+        base = jax.random.PRNGKey(seed)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+        z = jax.vmap(lambda k: jax.random.normal(k, (n_samples, m), params.dtype))(keys)
+        s = params[:, None, :] + jnp.einsum("nij,nkj->nki", root, z)  # correlated: root root^T = cov
+        s = tied(jnp.where(jnp.asarray(free), jnp.clip(s, lower, upper), s))
+        return spread(params, s, extra, undefined_sensitivity(params, extra, undefined))
+
+    def errors_draws(params, draws, lower, upper, extra):
+        s = tied(jnp.where(jnp.asarray(free), jnp.clip(draws, lower, upper), draws))
+        ok = jnp.all(jnp.isfinite(draws), axis=2, keepdims=True)
+        s = jnp.where(ok, s, jnp.nan)  # a realization that did not converge counts as not finite
+        return spread(params, s, extra, {k: jnp.zeros(params.shape[0], bool) for k in f(params[0], extra[0])})
+
+    m_params = len(names)
+    return jax.jit(values), jax.jit(errors), jax.jit(errors_cov), jax.jit(errors_draws)
 
 
 def as_params(model, params, name: str = "params") -> tuple[np.ndarray, bool]:
@@ -128,11 +163,14 @@ def as_params(model, params, name: str = "params") -> tuple[np.ndarray, bool]:
     return arr, one
 
 
-def run(model, build: Builder, key: tuple, params, params_err, extra, *, n_samples, seed, index, lower, upper, batch_size):
+def run(model, build: Builder, key: tuple, params, params_err, extra, *, n_samples, seed, index, lower, upper, batch_size,
+        cov=None, draws=None):
     """Values and Monte Carlo errors of every output of a measurement: dict name -> (value, error).
 
     ``build(model, key)`` makes the measurement (see the module docstring); ``extra`` is its
-    per-spectrum scalar ``x``; the keywords are those of :func:`mc_options`.
+    per-spectrum scalar ``x``; the keywords are those of :func:`mc_options`: ``draws``
+    (n, K, n_params) resampling realizations or ``cov`` (n, n_params, n_params) take
+    precedence over ``params_err``.
     """
     import jax.numpy as jnp
 
@@ -141,7 +179,7 @@ def run(model, build: Builder, key: tuple, params, params_err, extra, *, n_sampl
     n_samples = int(n_samples)
     if n_samples < 2:
         raise OptionError(f"n_samples={n_samples!r} must be >= 2 (Monte Carlo draws per spectrum).")
-    values_fn, errors_fn = _compiled(model, build, key, n_samples, int(batch_size))
+    values_fn, errors_fn, cov_fn, draws_fn = _compiled(model, build, key, n_samples, int(batch_size))
     # Pad the rows to a few bucket sizes so chunks of slightly different lengths (the last
     # one, a subset) reuse the compiled functions; the copies of row 0 are dropped at the end.
     m = _bucket(n)
@@ -153,12 +191,24 @@ def run(model, build: Builder, key: tuple, params, params_err, extra, *, n_sampl
         names = values_fn(jnp.asarray(model.params.values, dtype)[None], jnp.zeros((1,), dtype)).keys()
         return {k: (np.zeros(0), np.zeros(0)) for k in names}
     vals = {k: np.asarray(v, dtype=np.float64)[:n] for k, v in values_fn(pj, x).items()}
-    if params_err is None:
+    lo = model.params.lower if lower is None else np.asarray(lower, dtype=np.float64)
+    hi = model.params.upper if upper is None else np.asarray(upper, dtype=np.float64)
+    if draws is not None:
+        d = np.asarray(draws, dtype=np.float64)
+        if d.ndim == 2:
+            d = d[None]
+        out = draws_fn(pj, jnp.asarray(d[rows], dtype), jnp.asarray(lo, dtype), jnp.asarray(hi, dtype), x)
+        errs = {k: np.asarray(v, dtype=np.float64)[:n] for k, v in out.items()}
+    elif cov is not None:
+        root, undefined = _root(np.asarray(cov, dtype=np.float64).reshape(-1, model.n_params, model.n_params))
+        idx = np.arange(n) if index is None else np.asarray(index)
+        out = cov_fn(pj, jnp.asarray(root[rows], dtype), jnp.asarray(undefined[rows]), jnp.asarray(lo, dtype), jnp.asarray(hi, dtype),
+                     jnp.asarray(idx[rows], jnp.uint32), x, jnp.uint32(seed))
+        errs = {k: np.asarray(v, dtype=np.float64)[:n] for k, v in out.items()}
+    elif params_err is None:
         errs = {k: np.full(n, np.nan) for k in vals}
     else:
         e, _ = as_params(model, params_err, "params_err")
-        lo = model.params.lower if lower is None else np.asarray(lower, dtype=np.float64)
-        hi = model.params.upper if upper is None else np.asarray(upper, dtype=np.float64)
         idx = np.arange(n) if index is None else np.asarray(index)
         if idx.shape != (n,):
             raise OptionError(f"index has shape {idx.shape}; expected ({n},), one global position per spectrum.")
@@ -173,6 +223,15 @@ def run(model, build: Builder, key: tuple, params, params_err, extra, *, n_sampl
     if one:
         res = {k: (v[0], e[0]) for k, (v, e) in res.items()}
     return res
+
+
+def _root(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(R, undefined)`` per spectrum: R R^T = cov over the defined parameters (a symmetric
+    square root, zero for the undefined ones, i.e. those with NaN in the covariance)."""
+    undefined = np.isnan(np.einsum("nii->ni", cov)) | np.isnan(cov).all(axis=2)
+    c = np.where(undefined[:, :, None] | undefined[:, None, :], 0.0, np.nan_to_num(cov))
+    w, v = np.linalg.eigh(0.5 * (c + np.swapaxes(c, 1, 2)))
+    return v * np.sqrt(np.clip(w, 0.0, None))[:, None, :], undefined
 
 
 def _bucket(n: int) -> int:
@@ -192,6 +251,8 @@ def mc_options(kw: dict) -> dict:
         "lower": kw.pop("lower", None),
         "upper": kw.pop("upper", None),
         "batch_size": kw.pop("batch_size", 256),
+        "cov": kw.pop("cov", None),
+        "draws": kw.pop("draws", None),
     }
     if kw:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(kw)}")

@@ -25,9 +25,10 @@ from .link import Link
 __all__ = ["Scale", "bh_mass", "ew", "line_luminosity", "line_quantity", "luminosity", "measure", "shift"]
 
 _ERR_DOC = (
-    "Monte Carlo: free parameters drawn from independent Gaussians with params_err, clipped into bounds, "
-    "ties re-applied; standard deviation of the recomputed quantity; draws keyed by the integer spectrum "
-    "label (else position) (sheap_dask.derived.errors)"
+    "Monte Carlo: the fit's resampling realizations (params_mc) when it has them, else draws from the full "
+    "parameter covariance (params_cov; independent Gaussians from params_err without it), clipped into bounds, "
+    "ties re-applied; half the 16-84% range of the recomputed quantity; NaN when it depends on a parameter with "
+    "an undefined covariance; draws keyed by the integer spectrum label (else position) (sheap_dask.derived.errors)"
 )
 
 #: ``compute(params, params_err | None, index, z, lower, upper) -> (n, 2k)``: k values, then k errors.
@@ -86,9 +87,15 @@ def _apply(link: Link, compute: Compute, names: list[str], attrs: list[dict], *,
     lower, upper = link.bounds()
     args = [params, index, z, lower, upper] + ([err] if err is not None else [])
     core = [["param"], [], [], ["param"], ["param"]] + ([["param"]] if err is not None else [])
+    kind, spread = link.uncertainty() if errors else (None, None)
+    if spread is not None:
+        args.append(spread)
+        core.append(list(spread.dims[1:]))
 
-    def block(p, idx, zz, lo, hi, *e):
-        return compute(p, e[0] if e else None, idx, zz, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64))
+    def block(p, idx, zz, lo, hi, *rest):
+        e = rest[0] if err is not None else None
+        unc = {kind: rest[-1]} if spread is not None else {}
+        return compute(p, e, idx, zz, np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64), **unc)
 
     out = xr.apply_ufunc(
         block,
@@ -127,12 +134,56 @@ def _stack(pairs) -> np.ndarray:
 
 
 def _maybe_log(value, error, log: bool):
+    """``log10`` of a value and its error as half the log width of [value - error, value +
+    error]: bounded, and NaN when that interval reaches 0 (the value is then consistent with
+    nothing, and only an upper limit means something)."""
     if not log:
         return value, error
     with np.errstate(divide="ignore", invalid="ignore"):
         v = np.where(value > 0, np.log10(np.where(value > 0, value, 1.0)), np.nan)
-        e = error / (np.where(value > 0, value, np.nan) * np.log(10.0))
+        low = value - error
+        e = np.where(low > 0, 0.5 * (np.log10(value + error) - np.log10(np.where(low > 0, low, 1.0))), np.nan)
+        e = np.where(error == 0, 0.0, e)
     return v, e
+
+
+def _upper_limit(value, error, sigma: float = 3.0):
+    """log10 of a ``sigma`` upper limit: max(value, 0) + sigma * error."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = np.maximum(value, 0.0) + sigma * error
+        return np.where(bound > 0, np.log10(bound), np.nan)
+
+
+# ----------------------------------------------------------------------------------------
+# detection: quantities of an undetected line
+# ----------------------------------------------------------------------------------------
+def _detected(link: Link, line: str):
+    """Per spectrum, whether the fit detected ``line`` (``line_detected``), or ``None`` when
+    the result does not say (a model without a line catalogue, an older result)."""
+    ds = link.ds
+    if "line_detected" not in ds or "line" not in ds.coords or line not in [str(v) for v in ds["line"].values]:
+        return None
+    return ds["line_detected"].sel(line=line, drop=True).astype(bool)
+
+
+def _mask_undetected(link: Link, line: str, out, errors: bool, options: dict):
+    """NaN for the spectra where ``line`` is not detected (unless ``undetected="keep"``);
+    with ``errors=True`` the Dataset also gets ``detected_<line>``."""
+    policy = options.pop("undetected", "nan")
+    if policy not in ("nan", "keep"):
+        raise OptionError(f"undetected={policy!r} must be 'nan' (quantities of undetected lines are NaN) or 'keep'.")
+    detected = _detected(link, line)
+    if detected is None:
+        return out
+    note = f"NaN where {line} is not detected (line_detected: flux/error < sheap_dask.lines.detection_sigma)"
+    if policy == "nan":
+        if isinstance(out, xr.Dataset):
+            out = xr.Dataset({k: v.where(detected).assign_attrs({**v.attrs, "undetected": note}) for k, v in out.data_vars.items()})
+        else:
+            out = out.where(detected).assign_attrs({**out.attrs, "undetected": note})
+    if errors and isinstance(out, xr.Dataset):
+        out[f"detected_{line}"] = detected.assign_attrs(long_name=f"{line} detected (flux / error >= detection_sigma)")
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,12 +228,20 @@ def measure(link: Link, line: str, errors: bool, continuum: Sequence[str] | None
     attrs = [_line_attrs(link, q, line) for q in keys]
     cont = continuum if has_cont else False
 
-    def compute(p, e, idx, z, lower, upper):
-        res = lines.measure_line(model, line, p, e, continuum=cont, index=idx, lower=lower, upper=upper, **options)
+    def compute(p, e, idx, z, lower, upper, **unc):
+        res = lines.measure_line(model, line, p, e, continuum=cont, index=idx, lower=lower, upper=upper, **unc, **options)
         return _stack([res[q] for q in keys])
 
+    undetected = {"undetected": options.pop("undetected", "nan")}
     out = _apply(link, compute, [names[q] for q in keys], attrs, errors=errors)
-    return out if errors else xr.Dataset({da.name: da for da in out})
+    out = out if errors else xr.Dataset({da.name: da for da in out})
+    if undetected["undetected"] == "nan" and _detected(link, line) is not None:
+        flux = [names["flux"]] + ([names["flux"] + "_err"] if errors else [])  # a flux is meaningful at any S/N
+        kept = out[flux]
+        out = _mask_undetected(link, line, out, errors, undetected)
+        out.update(kept)
+        return out
+    return _mask_undetected(link, line, out, errors, undetected)
 
 
 def line_quantity(link: Link, quantity: str, line: str, errors: bool, options: dict, *, continuum=None):
@@ -192,15 +251,19 @@ def line_quantity(link: Link, quantity: str, line: str, errors: bool, options: d
     name = {"shift_peak": "shift", "shift_centroid": "shift", "shift_median": "shift"}.get(quantity, quantity)
     attrs = _line_attrs(link, quantity, line)
 
-    def compute(p, e, idx, z, lower, upper):
+    def compute(p, e, idx, z, lower, upper, **unc):
         res = lines.measure_line(
             model, line, p, e, index=idx, lower=lower, upper=upper,
             continuum=continuum,
-            median=quantity == "shift_median", **options,
+            median=quantity == "shift_median", **unc, **options,
         )  # fmt: skip
         return _stack([res[quantity]])
 
-    return _one(_apply(link, compute, [f"{name}_{line}"], [attrs], errors=errors), errors)
+    policy = {"undetected": options.pop("undetected", "nan")}
+    out = _one(_apply(link, compute, [f"{name}_{line}"], [attrs], errors=errors), errors)
+    if quantity == "flux":  # a flux is meaningful at any S/N (its error says how much)
+        return out
+    return _mask_undetected(link, line, out, errors, policy)
 
 
 def ew(link: Link, line: str, errors: bool, continuum: Sequence[str] | None, options: dict):
@@ -258,10 +321,10 @@ def luminosity(link: Link, wavelength: float, quantity: str, log: bool, errors: 
         name, units = "log_" + name, f"log10({units})"
     attrs = {"long_name": long_name, "units": units, **_cosmo_attrs(H0, Om0, unit)}
 
-    def compute(p, e, idx, z, lower, upper):
+    def compute(p, e, idx, z, lower, upper, **unc):
         v, s = _luminosity.luminosity(
             model, wavelength, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, quantity=quantity,
-            continuum=continuum, index=idx, lower=lower, upper=upper, **options,
+            continuum=continuum, index=idx, lower=lower, upper=upper, **unc, **options,
         )  # fmt: skip
         return _stack([_maybe_log(v, s, log)])
 
@@ -279,13 +342,30 @@ def line_luminosity(link: Link, line: str, log: bool, errors: bool, scale: Scale
         name, units = "log_" + name, "log10(erg/s)"
     attrs = {"long_name": f"luminosity of {line}", "units": units, **_cosmo_attrs(H0, Om0, unit)}
 
-    def compute(p, e, idx, z, lower, upper):
-        v, s = _luminosity.line_luminosity(
-            model, line, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, index=idx, lower=lower, upper=upper, **options
-        )
-        return _stack([_maybe_log(v, s, log)])
+    policy = options.pop("undetected", "nan")
+    if policy not in ("nan", "keep"):
+        raise OptionError(f"undetected={policy!r} must be 'nan' (an undetected line's log luminosity is a 3-sigma upper limit) or 'keep'.")
 
-    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
+    def compute(p, e, idx, z, lower, upper, **unc):
+        v, s = _luminosity.line_luminosity(
+            model, line, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, index=idx, lower=lower, upper=upper, **unc, **options
+        )
+        return _stack([_maybe_log(v, s, log), (_upper_limit(v, s) if log else np.maximum(v, 0.0) + 3.0 * s, s)])
+
+    out = _apply(link, compute, [name, name + "_ul"], [attrs, attrs], errors=errors, needs_z=True, redshift=scale.redshift)
+    detected = _detected(link, line) if policy == "nan" else None
+    value, limit = (out[name], out[name + "_ul"]) if errors else out
+    if detected is None:
+        return out[[name, name + "_err"]] if errors else value
+    note = f"3-sigma upper limit where {line} is not detected ({name}_upper_limit)"
+    value = value.where(detected, limit).assign_attrs({**attrs, "undetected": note})
+    if not errors:
+        return value
+    return xr.Dataset({
+        name: value,
+        name + "_err": out[name + "_err"].where(detected),
+        name + "_upper_limit": (~detected).assign_attrs(long_name=f"{name} is a 3-sigma upper limit: {line} not detected"),
+    })  # fmt: skip
 
 
 def bh_mass(link: Link, recipe: str, errors: bool, continuum, scale: Scale, options: dict):
@@ -308,12 +388,14 @@ def bh_mass(link: Link, recipe: str, errors: bool, continuum, scale: Scale, opti
         **_cosmo_attrs(H0, Om0, unit),
     }
 
-    def compute(p, e, idx, z, lower, upper):
+    def compute(p, e, idx, z, lower, upper, **unc):
         v, s = _bh_mass.bh_mass(
             model, recipe, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, continuum=continuum,
-            index=idx, lower=lower, upper=upper, **options,
+            index=idx, lower=lower, upper=upper, **unc, **options,
         )  # fmt: skip
         return _stack([(v, s)])
 
     name = f"log_mbh_{recipe}"
-    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
+    policy = {"undetected": options.pop("undetected", "nan")}
+    out = _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
+    return _mask_undetected(link, r.line, out, errors, policy)

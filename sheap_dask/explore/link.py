@@ -256,6 +256,19 @@ class Link:
                 err = err.chunk({dim: chunks, "param": -1})
         return params, err
 
+    def uncertainty(self):
+        """``(kind, DataArray)`` the derived-quantity errors come from: ``("draws", params_mc)``
+        when the fit made resampling realizations, else ``("cov", params_cov)``, else
+        ``(None, None)`` (independent errors from ``params_err``). Chunked like ``params``."""
+        for kind, name in (("draws", "params_mc"), ("cov", "params_cov")):
+            if name in self.ds:
+                da = self.ds[name]
+                if self.ds["params"].chunks or da.chunks:
+                    chunks = (self.ds["params"] if self.ds["params"].chunks else da).chunksizes[self.dim]
+                    da = da.chunk({self.dim: chunks, **{d: -1 for d in da.dims[1:]}})
+                return kind, da.drop_vars([c for c in da.coords if c != self.dim], errors="ignore")
+        return None, None
+
     def bounds(self):
         """Parameter bounds as (param,) DataArrays (lazy when the result is): the model's when absent."""
         ds = self.ds
