@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_show = warnings.showwarning
     if not args.verbose:
         warnings.showwarning = _show_warning
+    previous_term = _terminate_as_interrupt()
     try:
         with cli_spelling(FLAGS):
             return args.func(args)
@@ -70,6 +71,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = previous_show
+        if previous_term is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a Kubernetes pod deleted, ``helm upgrade``) stops a command like
+    Ctrl-C: the store's lock is released and the cluster closed on the way out."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        return signal.signal(signal.SIGTERM, handler)
+    return None
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

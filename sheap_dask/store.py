@@ -45,6 +45,7 @@ from .inputs import Inputs
 from .status import Status
 from .stores import (
     KIND_ATTR,
+    PathInfo,
     StoreLock,
     clear_store,
     describe_path,
@@ -278,6 +279,9 @@ def fit_to_store(
         info = describe_path(store, so)  # again: now nobody else writes it
         refuse_foreign(info, "fit")
         refitted: list[int] = []
+        if info.kind == "fit" and resume and _creation_interrupted(store, so, info):
+            info = PathInfo(info.store, "fit", info.what, {})  # ours, nothing fitted yet: made again
+            resume = False
         if info.kind == "fit" and resume:
             done, refitted = _resume(info, store, so, template, identity, specs, n_chunks, bounds, blocks, inputs, client)
         else:
@@ -296,6 +300,18 @@ def fit_to_store(
     result.attrs["sheap_chunks_fitted"] = len(todo)
     result.attrs["sheap_chunks_refitted"] = len(refitted)
     return result
+
+
+def _creation_interrupted(store, so, info) -> bool:
+    """A store of this version (marked ``sheap_store: fit``) whose creation stopped before its
+    progress arrays were written: nothing was fitted into it."""
+    if info.attrs.get(KIND_ATTR) != "fit":
+        return False
+    try:
+        _open_group(store, so)[f"{PROGRESS_GROUP}/done"]
+    except KeyError:
+        return True
+    return False
 
 
 def _purpose() -> str:

@@ -181,6 +181,15 @@ def test_a_done_marker_counts_only_with_its_data(ds, complete, tmp_path):
     xr.testing.assert_identical(xr.open_zarr(path).compute(), complete[1])
 
 
+def test_a_store_whose_creation_was_interrupted_is_made_again(ds, complete, tmp_path):
+    path = tmp_path / "fits.zarr"
+    shutil.copytree(complete[0], path)
+    shutil.rmtree(path / "sheap_progress")  # killed after the metadata, before the progress arrays
+    again = sd.fit_dataset(ds, gauss_model(), store=str(path), **FAST)
+    assert again.attrs["sheap_chunks_fitted"] == 3
+    xr.testing.assert_identical(xr.open_zarr(path).compute(), complete[1])
+
+
 # ---------------------------------------------------------------------------- case 4
 def test_resume_refuses_a_different_input_and_accepts_it_moved(ds, complete, tmp_path, monkeypatch):
     inp = tmp_path / "in.zarr"

@@ -1,7 +1,7 @@
 """Issue 11 with real processes: `sheap-dask fit` subprocesses, each on its own LocalCluster.
 
 Two writers on one store (the second is refused, naming the first); Ctrl-C (one message, no
-worker tracebacks, the lock released); a client killed with SIGKILL (its lock is broken by
+worker tracebacks, the lock released); SIGTERM (the same); a client killed with SIGKILL (its lock is broken by
 the next run on this host); the resumed store is identical to an uninterrupted run's.
 """
 
@@ -109,9 +109,17 @@ def test_ctrl_c_kill_and_resume_give_the_uninterrupted_store(spectra, two_writer
     assert not (out / LOCK_NAME).exists()
     done_after_interrupt = _done(out)
     assert 1 <= done_after_interrupt < 12
+    # SIGTERM to the client alone (kill, a deleted Kubernetes pod): the same clean stop
+    terminated = _fit(spectra, out)
+    _wait(lambda: _done(out) >= done_after_interrupt + 1, terminated)
+    terminated.send_signal(signal.SIGTERM)
+    stdout, stderr = terminated.communicate(timeout=120)
+    assert terminated.returncode == 130 and stderr.strip() == INTERRUPTED, stderr
+    assert not (out / LOCK_NAME).exists()
+    done_after_term = _done(out)
     # the client killed outright: its lock stays behind
     second = _fit(spectra, out)
-    _wait(lambda: _done(out) >= done_after_interrupt + 1, second)
+    _wait(lambda: _done(out) >= done_after_term + 1, second)
     second.send_signal(signal.SIGKILL)
     second.wait(timeout=60)
     assert (out / LOCK_NAME).exists()
