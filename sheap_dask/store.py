@@ -307,10 +307,16 @@ def _creation_interrupted(store, so, info) -> bool:
     progress arrays were written: nothing was fitted into it."""
     if info.attrs.get(KIND_ATTR) != "fit":
         return False
+    group = _open_group(store, so)
     try:
-        _open_group(store, so)[f"{PROGRESS_GROUP}/done"]
+        group[f"{PROGRESS_GROUP}/done"]
     except KeyError:
-        return True
+        # No progress record: only if no result was written either (a copy made with
+        # to_zarr has results and is refused as unverifiable, never deleted).
+        try:
+            return group["status"].nchunks_initialized == 0
+        except KeyError:
+            return True
     return False
 
 

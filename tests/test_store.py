@@ -184,7 +184,9 @@ def test_a_done_marker_counts_only_with_its_data(ds, complete, tmp_path):
 def test_a_store_whose_creation_was_interrupted_is_made_again(ds, complete, tmp_path):
     path = tmp_path / "fits.zarr"
     shutil.copytree(complete[0], path)
-    shutil.rmtree(path / "sheap_progress")  # killed after the metadata, before the progress arrays
+    shutil.rmtree(path / "sheap_progress")  # killed after the metadata, before the progress arrays:
+    for name in complete[1].data_vars:  # no result written yet
+        shutil.rmtree(path / name / "c", ignore_errors=True)
     again = sd.fit_dataset(ds, gauss_model(), store=str(path), **FAST)
     assert again.attrs["sheap_chunks_fitted"] == 3
     xr.testing.assert_identical(xr.open_zarr(path).compute(), complete[1])
@@ -332,3 +334,27 @@ def test_init_errors_name_init_and_numpy_arrays_work(ds):
     np.testing.assert_array_equal(by_numpy.params.values, by_array.params.values)
     one_row = sd.fit_dataset(ds, model, init=truth.values[0], **FAST)
     assert one_row.sizes["spectrum"] == n
+
+
+# ---------------------------------------------------------------------------- other writers
+def test_write_zarr_replaces_only_spectra_stores_and_never_its_source(ds, tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep")
+    with pytest.raises(StoreExistsError, match="is not a sheap_dask spectra store"):
+        sd.io.write_zarr(ds, precious, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep"
+    path = tmp_path / "spectra.zarr"
+    opened = sd.io.write_zarr(ds, path)
+    with pytest.raises(StoreExistsError, match="is the input"):
+        sd.io.write_zarr(opened, path, overwrite=True)
+    again = sd.io.write_zarr(ds.isel(spectrum=slice(0, 8)), path, overwrite=True)
+    assert again.sizes["spectrum"] == 8
+
+
+def test_a_copy_of_a_fit_result_is_refused_not_deleted(ds, complete, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    xr.open_zarr(complete[0]).to_zarr(copy)  # results without the progress record
+    with pytest.raises(ResumeMismatchError, match="cannot be verified"):
+        sd.fit_dataset(ds, gauss_model(), store=str(copy), **FAST)
+    xr.testing.assert_identical(xr.open_zarr(copy).compute(), complete[1])

@@ -67,12 +67,6 @@ def check_chunk(chunk: Any) -> int:
     return int(chunk)
 
 
-def store_exists(store: Any) -> bool:
-    if isinstance(store, (str, os.PathLike)) and "://" not in os.fspath(store):
-        return os.path.exists(store)
-    return False
-
-
 def open_spectra(path_or_url: Any, **kwargs: Any) -> xr.Dataset:
     """Open a spectra zarr store (local path, fsspec URL such as ``s3://...``, or store object).
 
@@ -170,7 +164,9 @@ def write_zarr(
     chunk : int, optional
         Spectra per chunk; default: the Dataset's current ``spectrum`` chunks, or 256.
     overwrite : bool
-        Replace an existing store.
+        Replace an existing spectra store (one written by ``write_zarr`` or an ingestion).
+        Anything else at ``store`` (a file, other data, the store ``ds`` is read from) is
+        refused and left untouched.
     spectrum_dim : str
         Name of the spectrum dimension.
     **kwargs
@@ -178,13 +174,19 @@ def write_zarr(
     """
     if spectrum_dim not in ds.dims:
         raise InputDataError(f"ds has no {spectrum_dim!r} dimension (dims: {dict(ds.sizes)}); pass spectrum_dim=")
-    if store_exists(store) and not overwrite:
-        raise OptionError(f"store {os.fspath(store)!r} already exists; pass overwrite=True to replace it")
+    if isinstance(store, (str, os.PathLike)):
+        # only ever replace a spectra store; never the input the Dataset is read from
+        refuse_input_overlap(store, [ds.encoding.get("source")], storage_options=kwargs.get("storage_options"))
+        info = describe_path(store, kwargs.get("storage_options"))
+        refuse_foreign(info, "spectra")
+        if info.kind == "spectra" and not overwrite:
+            raise OptionError(f"store {os.fspath(store)!r} already exists; pass {spell('overwrite=True')} to replace it")
     if chunk is None:
         chunked = [v.chunksizes[spectrum_dim] for v in ds.data_vars.values() if v.chunks and spectrum_dim in v.dims]
         chunk = int(chunked[0][0]) if chunked else 256
     chunk = check_chunk(chunk)
     out = ds.copy()
+    out.attrs[KIND_ATTR] = "spectra"
     for name in out.variables:
         out[name].encoding = {}
     target = {d: (min(chunk, ds.sizes[d]) if d == spectrum_dim else -1) for d in ds.dims}
@@ -279,7 +281,7 @@ def _resume_flags(store: Any, identity: dict[str, Any], n_chunks: int, so) -> np
         except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as exc:
             raise ResumeMismatchError(
                 f"cannot resume into {store!r}: it is not a store written by an ingestion ({exc}); "
-                "pass overwrite=True to replace it"
+                f"pass {spell('overwrite=True')} to replace it"
             ) from None
     differences = [
         f"{key}: store has {old.get(key)!r}, this ingestion has {value!r}"
@@ -290,7 +292,7 @@ def _resume_flags(store: Any, identity: dict[str, Any], n_chunks: int, so) -> np
         raise ResumeMismatchError(
             f"cannot resume into {store!r}: it was written from other files or options.\n  - "
             + "\n  - ".join(differences)
-            + "\nUse the same files and options, a new store, or overwrite=True."
+            + f"\nUse the same files and options, a new store, or {spell('overwrite=True')}."
         )
     return np.asarray(done, dtype=bool)[:n_chunks]
 
