@@ -358,3 +358,16 @@ def test_a_copy_of_a_fit_result_is_refused_not_deleted(ds, complete, tmp_path):
     with pytest.raises(ResumeMismatchError, match="cannot be verified"):
         sd.fit_dataset(ds, gauss_model(), store=str(copy), **FAST)
     xr.testing.assert_identical(xr.open_zarr(copy).compute(), complete[1])
+
+
+def test_fit_store_on_an_fsspec_url(ds, complete):
+    fsspec = pytest.importorskip("fsspec")
+    url = f"memory://sheap-test-{os.getpid()}/fits.zarr"
+    with dask.config.set({"sheap_dask.store.lock_settle": 0.01}):
+        assert sd.fit_dataset(ds, gauss_model(), store=url, **FAST).attrs["sheap_chunks_fitted"] == 3
+        assert sd.fit_dataset(ds, gauss_model(), store=url, **FAST).attrs["sheap_chunks_fitted"] == 0
+        assert sd.fit_dataset(ds, gauss_model(), store=url, resume=False, **FAST).attrs["sheap_chunks_fitted"] == 3
+        xr.testing.assert_identical(xr.open_zarr(url).compute().drop_attrs(), complete[1].drop_attrs())
+        fsspec.filesystem("memory").pipe(f"/sheap-test-{os.getpid()}/other/a.txt", b"x")
+        with pytest.raises(StoreExistsError, match="holding a.txt"):
+            sd.fit_dataset(ds, gauss_model(), store=url.replace("fits.zarr", "other"), **FAST)
