@@ -28,16 +28,22 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
-from collections.abc import Mapping
 
 import numpy as np
 
+from .batch import ChunkArrays, clip_inside, group_size, solve, update_redchi2
 from .compiled import _STATS, compile_stats, get_compiled
 from .coverage import coverage
 from .errors import InputDataError
 from .options import ChunkOptions, check_penalty
+from .outcome import finish_quality, line_fluxes, model_lines, parameter_errors
 from .quality import Quality
+from .rescue import (
+    fallback_candidates,
+    reject_absorbers,
+    restart_suspects,
+    run_fallback,
+)
 from .status import Status
 
 logger = logging.getLogger("sheap_dask.chunk")
@@ -71,15 +77,6 @@ LINE_VARIABLES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def model_lines(model) -> dict[str, list[str]]:
-    """line name -> the flux parameters that add up to its flux (from ``metadata["lines"]``)."""
-    lines = model.metadata.get("lines", {}) if isinstance(model.metadata, Mapping) else {}
-    out = {}
-    for name, info in lines.items():
-        params = [f"{c}_flux" for c in (info or {}).get("components", []) if f"{c}_flux" in model.params.names]
-        if params:
-            out[name] = params
-    return out
 
 
 def result_variables(options: ChunkOptions, model=None) -> dict[str, tuple[tuple[str, ...], str]]:
@@ -221,18 +218,6 @@ def _resample(model, out, wavelength, flux, ivar, redshift, options, pad_to, pen
     return result
 
 
-class _Chunk:
-    """The scaled, rest-frame arrays of one chunk and its bookkeeping (numpy)."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    def rows(self, idx):
-        """(wavelength, flux, errors, lower, upper) of rows ``idx``."""
-        wl = self.wl[idx] if self.wl.ndim == 2 else self.wl
-        return wl, self.flux[idx], self.errors[idx], self.lower[idx], self.upper[idx]
-
-
 def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function) -> dict[str, np.ndarray]:
     import jax
 
@@ -240,7 +225,7 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     n_spec, _ = flux.shape
     batch = max(int(pad_to or n_spec), n_spec)
     compiled = get_compiled(model, options, penalty_function)
-    n_params, n_free = compiled.n_params, compiled.n_free
+    n_free = compiled.n_free
 
     with np.errstate(all="ignore"):
         wl, flux, ivar, z_ok = _to_rest_frame(wavelength, flux, ivar, redshift)
@@ -274,17 +259,17 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     start = _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx)
     lower = _round_bits(compiled.lower[None, :] / param_scale)
     upper = _round_bits(compiled.upper[None, :] / param_scale)
-    chunk = _Chunk(
+    chunk = ChunkArrays(
         wl=wl, flux=_round_bits(raw_flux / scale[:, None]), errors=_round_bits(errors / scale[:, None]), lower=lower, upper=upper,
-        start=_clip_inside(_sane_start(_round_bits(start / param_scale), model), lower, upper), good=good, batch=batch, n_usable=n_usable,
+        start=clip_inside(_sane_start(_round_bits(start / param_scale), model), lower, upper), good=good, batch=batch, n_usable=n_usable,
         dtype=np.dtype(options.dtype),
     )
 
     with jax.enable_x64(options.dtype == "float64"):
         first = good_idx[0]
         wl_first = chunk.wl if chunk.wl.ndim == 1 else chunk.wl[first]
-        compiled.warm_up(options, chunk.start[first], chunk.flux[first], wl_first, chunk.errors[first], lower[first], upper[first], _group_size(batch))
-        solved = _solve(compiled, chunk, chunk.start, good_idx)
+        compiled.warm_up(options, chunk.start[first], chunk.flux[first], wl_first, chunk.errors[first], lower[first], upper[first], group_size(batch))
+        solved = solve(compiled, chunk, chunk.start, good_idx)
     for name in ("params", "loss", "chi2", "status", "n_iter"):
         out[name][good_idx] = solved[name]
     out["method"][good_idx] = options.method
@@ -292,58 +277,30 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
         out["loss_history"][good_idx] = solved["loss_history"]
     jtwj = np.full((n_spec, n_free, n_free), np.nan)
     jtwj[good_idx] = solved["jtwj"]
-    _update_redchi2(out, good_idx)
+    update_redchi2(out, good_idx)
     nonfinite = good & ~(np.all(np.isfinite(out["params"]), axis=1) & np.isfinite(out["chi2"]))
     out["status"][nonfinite] = Status.NONFINITE
 
     with jax.enable_x64(options.dtype == "float64"):
         if options.method == "lm" and options.restarts:
-            _restart_suspects(out, jtwj, compiled, chunk, options)
+            restart_suspects(out, jtwj, compiled, chunk, options)
         if options.absorber_iterations:
-            _reject_absorbers(out, jtwj, compiled, chunk, options)
+            reject_absorbers(out, jtwj, compiled, chunk, options)
     if options.fallback == "slsqp":
-        retry = _fallback_candidates(out, good, compiled, chunk, options)
+        retry = fallback_candidates(out, good, compiled, chunk, options)
         if retry.size:
-            _run_fallback(retry, out, jtwj, compiled, chunk, options)
+            run_fallback(retry, out, jtwj, compiled, chunk, options)
 
-    _finish_quality(out, good, compiled, chunk, options)
-    err, undefined, cov = _parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower)
+    finish_quality(out, good, compiled, chunk, options)
+    err, undefined, cov = parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower)
     out["quality"][undefined] |= Quality.ERRORS_UNDEFINED
     # back to the input's unit
     out["params"] *= param_scale
     out["params_err"] = err * param_scale
     out["params_cov"] = cov * param_scale[:, :, None] * param_scale[:, None, :]
     out["flux_scale"][good] = scale[good]
-    _line_fluxes(out, model, options)
+    line_fluxes(out, model, options)
     return out
-
-
-def _line_fluxes(out, model, options) -> None:
-    """Each line's flux (the sum of its components' fluxes), its error from the covariance
-    (correlations between the components included) and whether it is detected: flux /
-    error >= ``sheap_dask.lines.detection_sigma``. The quality bits say when a main line of
-    the model (``metadata["main_lines"]``, default every line) is not detected."""
-    lines = model_lines(model)
-    if not lines:
-        return
-    names = model.param_names
-    weights = np.zeros((len(lines), len(names)))
-    for k, params in enumerate(lines.values()):
-        weights[k, [names.index(p) for p in params]] = 1.0
-    with np.errstate(invalid="ignore"):
-        out["line_flux"] = out["params"] @ weights.T
-        var = np.einsum("kp,npq,kq->nk", weights, out["params_cov"], weights)
-        out["line_flux_err"] = np.sqrt(np.where(var >= 0, var, np.nan))
-        significance = out["line_flux"] / out["line_flux_err"]
-    out["line_detected"] = np.nan_to_num(significance, nan=0.0) >= options.detection_sigma
-    meta = model.metadata.get("lines", {})
-    main = model.metadata.get("main_lines") or list(lines)
-    fitted = np.isin(out["status"], [s.value for s in Status if s.ok])
-    for k, name in enumerate(lines):
-        if name not in main:
-            continue
-        bit = Quality.BROAD_LINE_UNDETECTED if (meta.get(name) or {}).get("kind") == "broad" else Quality.NARROW_LINE_UNDETECTED
-        out["quality"][fitted & ~out["line_detected"][:, k]] |= bit
 
 
 def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function) -> dict[str, np.ndarray]:
@@ -394,50 +351,6 @@ def _check_arrays(flux, ivar, wavelength):
             f"fit_chunk: wavelength shape {wavelength.shape} matches neither (n_pix,) = ({n_pix},) nor flux {flux.shape}."
         )
     return flux.astype(np.float64), ivar.astype(np.float64), wavelength
-
-
-def _solve(compiled, chunk: _Chunk, start: np.ndarray, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Batched solve of ``rows`` from ``start[rows]`` (padded to the chunk's batch size, in
-    groups of it when there are more rows): parameters with exact float64 ties, the
-    objective, chi-square and J^T W J in float64."""
-    batch = chunk.batch
-    keys = ("params", "loss", "chi2", "status", "n_iter", "loss_history", "jtwj")
-    parts = {k: [] for k in keys}
-    for first in range(0, rows.size, batch):  # groups of the compiled batch, not a loop over spectra
-        idx = rows[first : first + batch]
-        take = np.concatenate([idx, np.full(batch - idx.size, idx[0])])
-        wl, flux, errors, lower, upper = chunk.rows(take)
-        res = _batched_solve(compiled, chunk, start[take], take, idx.size)
-        # ties and fixed values rebuilt in float64 from the free parameters: exact whatever
-        # precision the solve ran in
-        params = compiled.model.params.expand_free(res["params"][:, compiled.free_index], start[take])
-        chi2, objective, jtwj = compiled.post_rows(params, wl, flux, errors, idx.size, _group_size(batch))
-        k = idx.size
-        for name, value in (("params", params), ("loss", objective), ("chi2", chi2), ("jtwj", jtwj)):
-            parts[name].append(value[:k])
-        for name in ("status", "n_iter", "loss_history"):
-            parts[name].append(res[name][:k])
-    return {k: np.concatenate(v) for k, v in parts.items()}
-
-
-def _batched_solve(compiled, chunk: _Chunk, start: np.ndarray, take: np.ndarray, n_active: int) -> dict[str, np.ndarray]:
-    """The compiled solve of the padded rows ``take`` (the first ``n_active`` are real)."""
-    cast = lambda a: np.asarray(a).astype(chunk.dtype)  # noqa: E731
-    wl, flux, errors, lower, upper = chunk.rows(take)
-    queue = {"n_active": n_active} if compiled.slots else {}  # lanes skip the padding
-    res = compiled.minimizer.run(cast(start), cast(flux), cast(wl), cast(errors), compiled.constraints(lower, upper), **queue)
-    return {
-        "params": np.array(res.params, dtype=np.float64),
-        "status": np.array(res.status, dtype=np.int8),
-        "n_iter": np.array(res.n_iter, dtype=np.int32),
-        "loss_history": np.array(res.loss_history, dtype=np.float64),
-    }
-
-
-def _group_size(batch: int) -> int:
-    """Rows per float64 post-processing call: an eighth of the chunk, at least 8 (the
-    Jacobian of padding rows is not worth computing)."""
-    return max(1, min(batch, max(8, batch // 8)))
 
 
 def _to_rest_frame(wavelength, flux, ivar, redshift):
@@ -519,295 +432,3 @@ def _initial_values(model, compiled, wl, flux, ivar, usable, init, good_idx) -> 
             )
         start = np.where(np.isfinite(init), init, start)
     return start
-
-
-def _clip_inside(values, lower, upper):
-    from .model import _clip_inside as clip
-
-    return clip(values, lower, upper)
-
-
-def _update_redchi2(out, rows) -> None:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dof = out["dof"][rows]
-        out["redchi2"][rows] = out["chi2"][rows] / np.where(dof > 0, dof, np.nan)
-
-
-def _pinned(params: np.ndarray, compiled, lower: np.ndarray, upper: np.ndarray, fraction: float) -> np.ndarray:
-    """(n, n_params) mask: free parameters within ``fraction`` of their range from a bound
-    (of max(|value|, 1) for a parameter with one finite bound)."""
-    span = upper - lower
-    near = np.zeros(params.shape, dtype=bool)
-    with np.errstate(invalid="ignore"):
-        tol = np.where(np.isfinite(span), fraction * span, fraction * np.maximum(np.abs(params), 1.0))
-        near |= np.isfinite(lower) & (params - lower < tol)
-        near |= np.isfinite(upper) & (upper - params < tol)
-    free = np.zeros(compiled.n_params, dtype=bool)
-    free[compiled.free_index] = True
-    return near & free
-
-
-def _redchi2_outlier(redchi2, dof, median: float, n_sigma: float) -> np.ndarray:
-    """Reduced chi-square more than ``n_sigma`` standard deviations (sqrt(2/dof) for a
-    chi-square) above the chunk's median, scaled by that median (real data rarely sit at 1)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return redchi2 > median * (1.0 + n_sigma * np.sqrt(2.0 / np.maximum(dof, 1)))
-
-
-def _converged_median(out, good) -> float | None:
-    ok = good & np.isin(out["status"], (Status.CONVERGED, Status.CONVERGED_AFTER_FALLBACK)) & np.isfinite(out["redchi2"])
-    return float(np.median(out["redchi2"][ok])) if ok.any() else None
-
-
-def _restart_suspects(out, jtwj, compiled, chunk: _Chunk, options) -> None:
-    """Batched restarts for fits stuck in a local minimum; keeps the lowest objective.
-
-    A parameter driven onto a bound (a line flux at 0, a shift at its limit) has a vanishing
-    gradient in the optimizer's bounded coordinates, so LM cannot bring it back even when
-    the fit is clearly poor. Suspects are spectra with a reduced chi-square above
-    ``median * (1 + redchi2_sigma * sqrt(2 / dof))`` or a pinned parameter. Each is re-fitted
-    twice in one batch: with its pinned parameters reset to their initial values, and with
-    the whole components of its pinned parameters reset; the lowest objective of the three
-    fits is kept.
-    """
-    good = chunk.good
-    median = _converged_median(out, good)
-    if median is None:
-        return
-    ok = good & (out["status"] == Status.CONVERGED) & np.isfinite(out["redchi2"])
-    outlier = _redchi2_outlier(out["redchi2"], out["dof"], median, options.redchi2_sigma)
-    pinned = _pinned(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance)
-    suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (out["redchi2"] > median))))
-    if suspects.size == 0:
-        return
-    pinned = pinned[suspects]
-    whole = pinned.copy()
-    for group in compiled.component_groups:
-        whole[:, group] |= whole[:, group].any(axis=1, keepdims=True)
-    current = out["params"][suspects]
-    starts = chunk.start.copy()
-    for trial in (np.where(pinned, chunk.start[suspects], current), np.where(whole, chunk.start[suspects], current)):
-        starts[suspects] = trial
-        res = _solve(compiled, chunk, starts, suspects)
-        valid = (res["status"] == Status.CONVERGED) & np.isfinite(res["loss"])
-        win = valid & (res["loss"] < out["loss"][suspects])
-        i = suspects[win]
-        for name in ("params", "loss", "chi2"):
-            out[name][i] = res[name][win]
-        out["n_iter"][suspects[valid]] += res["n_iter"][valid]
-        jtwj[i] = res["jtwj"][win]
-    _update_redchi2(out, suspects)
-
-
-def _reject_absorbers(out, jtwj, compiled, chunk: _Chunk, options) -> None:
-    """Mask narrow troughs far below the model and re-solve the spectra that have them.
-
-    Rule (documented in the README): with residuals r = (data - model)/sigma measured from
-    their running median (so broad model mismatch does not count), a trough is a run of
-    adjacent pixels below -``absorber_sigma`` / 1.5 whose deepest pixel is below
-    -``absorber_sigma``, two to ``absorber_max_width`` pixels long (one pixel below -2 x
-    ``absorber_sigma`` also counts); it is grown by ``absorber_grow`` pixels on each side
-    and masked. A spectrum whose masked pixels would exceed ``absorber_max_fraction`` of its
-    usable pixels is left alone (the model, not absorbers, is wrong there). The affected
-    spectra are re-solved from their current parameters in one batched call, up to
-    ``absorber_iterations`` times.
-    """
-    for _ in range(int(options.absorber_iterations)):
-        rows = np.flatnonzero(chunk.good & (out["status"] == Status.CONVERGED))  # an unconverged fit's residuals say little
-        if rows.size == 0:
-            return
-        resid = _residuals(compiled, chunk, out["params"], rows)
-        mask = _trough_mask(resid, options.absorber_sigma, int(options.absorber_grow), int(options.absorber_max_width))
-        n_new = mask.sum(axis=1)
-        usable = np.isfinite(chunk.errors[rows])
-        n_total = out["n_masked"][rows] + n_new
-        accept = (n_new > 0) & (n_total <= options.absorber_max_fraction * usable.sum(axis=1))
-        if not accept.any():
-            return
-        hit = rows[accept]
-        chunk.errors[hit] = np.where(mask[accept], np.inf, chunk.errors[hit])
-        chunk.flux[hit] = np.where(mask[accept], 0.0, chunk.flux[hit])
-        out["n_masked"][hit] = n_total[accept]
-        out["dof"][hit] -= n_new[accept]
-        out["quality"][hit] |= Quality.ABSORBERS_MASKED
-        res = _solve(compiled, chunk, out["params"], hit)
-        done = np.isfinite(res["loss"]) & np.all(np.isfinite(res["params"]), axis=1)
-        i = hit[done]
-        for name in ("params", "loss", "chi2", "status"):
-            out[name][i] = res[name][done]
-        out["n_iter"][i] += res["n_iter"][done]
-        jtwj[i] = res["jtwj"][done]
-        _update_redchi2(out, hit)
-
-
-def _residuals(compiled, chunk: _Chunk, params: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(data - model)/sigma of ``rows`` (NaN where masked)."""
-    wl = chunk.wl[rows] if chunk.wl.ndim == 2 else chunk.wl
-    model = compiled.evaluate_rows(wl, params[rows], _group_size(chunk.batch))
-    with np.errstate(all="ignore"):
-        return np.where(np.isfinite(chunk.errors[rows]), (chunk.flux[rows] - model) / chunk.errors[rows], np.nan)
-
-
-def _trough_mask(resid: np.ndarray, sigma: float, grow: int, max_width: int) -> np.ndarray:
-    """Pixels of narrow troughs (see :func:`_reject_absorbers`), vectorised over spectra.
-
-    Residuals are measured against their running median over ``4 * max_width + 1`` pixels,
-    so a broad stretch where the model is off (continuum or FeII mismatch, common at high
-    S/N) is not mistaken for absorption: only dips narrower than ``max_width`` pixels are.
-    """
-    n_spec, n_pix = resid.shape
-    half = 2 * max_width
-    padded = np.pad(resid, ((0, 0), (half, half)), constant_values=np.nan)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1, axis=1)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows (masked stretches)
-        baseline = np.nan_to_num(np.nanmedian(windows, axis=2), nan=0.0)
-    dip = np.nan_to_num(resid - baseline, nan=0.0)
-    low = dip < -sigma / 1.5
-    # label runs of `low` per spectrum: a run id increments at each False -> True edge
-    edges = np.diff(np.concatenate([np.zeros((n_spec, 1), bool), low], axis=1).astype(np.int8), axis=1) == 1
-    run_id = np.cumsum(edges, axis=1) * low
-    n_runs = int(run_id.max(initial=0))
-    if n_runs == 0:
-        return np.zeros_like(low)
-    flat = (np.arange(n_spec)[:, None] * (n_runs + 1) + run_id).ravel()
-    length = np.bincount(flat, weights=low.ravel(), minlength=n_spec * (n_runs + 1))
-    deepest = np.zeros(n_spec * (n_runs + 1))
-    np.minimum.at(deepest, flat, np.where(low, dip, 0.0).ravel())
-    keep = (((length >= 2) & (deepest < -sigma)) | (deepest < -2.0 * sigma)) & (length <= max_width)
-    keep[:: n_runs + 1] = False  # run id 0 is "not low"
-    mask = keep[flat].reshape(n_spec, n_pix)
-    for _ in range(grow):
-        mask = mask | np.roll(mask, 1, axis=1) & ~_edge(n_pix, 0) | np.roll(mask, -1, axis=1) & ~_edge(n_pix, -1)
-    return mask & np.isfinite(resid)
-
-
-def _edge(n_pix: int, where: int) -> np.ndarray:
-    edge = np.zeros(n_pix, dtype=bool)
-    edge[where] = True
-    return edge
-
-
-def _fallback_candidates(out, good, compiled, chunk: _Chunk, options) -> np.ndarray:
-    """Indices of spectra to re-fit with SLSQP (the documented rule, see sheap_dask.yaml)."""
-    status = out["status"]
-    bad = good & (status != Status.CONVERGED)
-    median = _converged_median(out, good)
-    if median is not None:
-        converged = good & (status == Status.CONVERGED) & np.isfinite(out["redchi2"])
-        bad |= converged & _redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
-    if options.pinned_fraction > 0:
-        bad |= good & _pinned(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_fraction).any(axis=1)
-    return np.flatnonzero(bad)
-
-
-def _run_fallback(retry, out, jtwj, compiled, chunk: _Chunk, options) -> None:
-    """Re-fit ``retry`` spectra one by one with SLSQP on the batched solve's objective; keep
-    whichever fit has the lower objective."""
-    import jax
-
-    params = compiled.model.params
-    free = compiled.free_index
-    solver = compiled.slsqp(options)
-    batch_rows = out["params"][retry]
-    offsets = params.expand_free(np.zeros((retry.size, compiled.n_free)), np.where(np.isfinite(batch_rows), batch_rows, chunk.start[retry]))
-    logger.info("SLSQP fallback for %d spectra", retry.size)
-    for k, i in enumerate(retry):  # the only Python loop over spectra: failed ones only
-        wl_i, flux_i, err_i, lower_i, upper_i = chunk.rows(i)
-        batch_p = out["params"][i, free]
-        inside = np.all(np.isfinite(batch_p)) and np.all(batch_p >= lower_i[free]) and np.all(batch_p <= upper_i[free])
-        x0 = batch_p if inside else chunk.start[i, free]
-        try:
-            with jax.enable_x64(True):
-                res = solver.minimize(
-                    compiled.objective_free,
-                    params={"value": x0, "lower": lower_i[free], "upper": upper_i[free], "name": params.free_names},
-                    args=(offsets[k], wl_i, flux_i, err_i),
-                )
-        except Exception as exc:  # a failed re-fit must never crash its chunk
-            logger.warning("SLSQP fallback raised for spectrum %d of the chunk: %r", i, exc)
-            if out["status"][i] == Status.NONFINITE:
-                out["status"][i] = Status.FAILED
-            continue
-        was_converged = out["status"][i] == Status.CONVERGED
-        candidate = params.expand_free(np.asarray(res.values, dtype=np.float64), offsets[k])
-        chi2, objective, jtwj_i = compiled.post(candidate[None], wl_i if wl_i.ndim == 1 else wl_i[None], flux_i[None], err_i[None])
-        # A converged batch fit (re-fitted only as an outlier) is replaced only by a
-        # converged SLSQP fit with a lower objective: never by a worse or unconverged one.
-        # An unconverged one is replaced by a converged SLSQP fit that is no worse.
-        old = out["loss"][i]
-        better = np.isfinite(objective[0]) and not (objective[0] >= old)  # also when the old one is NaN
-        as_good = np.isfinite(objective[0]) and res.converged and not was_converged and objective[0] <= old + 1e-9 * abs(old)
-        if (better or as_good) and (res.converged or not was_converged):
-            out["params"][i] = candidate
-            out["loss"][i], out["chi2"][i] = objective[0], chi2[0]
-            out["method"][i] = "slsqp"
-            out["n_iter"][i] = res.n_eval
-            out["status"][i] = Status.CONVERGED_AFTER_FALLBACK if res.converged else Status.FAILED
-            jtwj[i] = jtwj_i[0]
-            _update_redchi2(out, np.array([i]))
-        elif out["status"][i] == Status.NONFINITE:
-            out["status"][i] = Status.FAILED
-
-
-def _finish_quality(out, good, compiled, chunk: _Chunk, options) -> None:
-    """``at_bound`` and the quality bits that depend on the final fit."""
-    fitted = good & np.isin(out["status"], [s.value for s in Status if s.ok])
-    at_bound = _pinned(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance) & fitted[:, None]
-    out["at_bound"][:] = at_bound
-    out["quality"][at_bound.any(axis=1)] |= Quality.PARAM_AT_BOUND
-    out["quality"][out["method"] == "slsqp"] |= Quality.FALLBACK_USED
-    median = _converged_median(out, good)
-    if median is not None:
-        outlier = fitted & _redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
-        out["quality"][outlier] |= Quality.CHI2_OUTLIER
-
-
-def _parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """1-sigma errors sqrt(diag(E C E^T)) with C the covariance of the free parameters and
-    ``(undefined,)`` per spectrum: NaN only for parameters along a degenerate direction.
-
-    C is the pseudo-inverse of the (IRLS-weighted) J^T W J (:func:`sheap_dask.lm.lm_covariance`:
-    a parameter with a non-negligible component along a null direction gets NaN, the others
-    keep finite errors); tied parameters follow their source, fixed ones are 0. An error
-    wider than the parameter's allowed range (``span``, per spectrum) says only that the data
-    do not constrain it: it is NaN too. Also returns the covariance E C E^T of all
-    parameters (NaN rows and columns for the undefined ones).
-    """
-    import jax
-
-    from .lm import lm_covariance
-
-    n_spec = jtwj.shape[0]
-    n_params = compiled.n_params
-    err = np.full((n_spec, n_params), np.nan)
-    cov_all = np.full((n_spec, n_params, n_params), np.nan)
-    undefined = np.zeros(n_spec, dtype=bool)
-    ok = np.all(np.isfinite(jtwj.reshape(n_spec, -1)), axis=1) & np.isin(out["status"], [s.value for s in Status if s.ok])
-    if not ok.any() or compiled.n_free == 0:
-        err[ok] = 0.0
-        cov_all[ok] = 0.0
-        return err, undefined, cov_all
-    with jax.enable_x64(True):
-        cov = np.asarray(lm_covariance(np.asarray(jtwj[ok], dtype=np.float64)), dtype=np.float64)
-    bad_free = np.isnan(np.einsum("nii->ni", cov))
-    E = compiled.embed_matrix
-    with np.errstate(all="ignore"):
-        full = np.einsum("ij,njk,lk->nil", E, np.nan_to_num(cov), E)
-        e = np.sqrt(np.clip(np.einsum("nii->ni", full), 0, None))
-    # a parameter is undefined when any free parameter it depends on is
-    e[(bad_free.astype(float) @ (E.T != 0)) > 0] = np.nan
-    if options.error_scale == "redchi2":
-        e = e * np.sqrt(np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan))[:, None]
-    with np.errstate(invalid="ignore"):
-        unconstrained = e > span[ok]
-    e[unconstrained] = np.nan
-    e[:, compiled.embed_fixed_mask] = 0.0
-    nan = np.isnan(e)
-    full[nan[:, :, None] | nan[:, None, :]] = np.nan
-    if options.error_scale == "redchi2":
-        full = full * np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan)[:, None, None]
-    err[ok] = e
-    cov_all[ok] = full
-    undefined[ok] = bad_free.any(axis=1) | unconstrained.any(axis=1)
-    return err, undefined, cov_all

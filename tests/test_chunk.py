@@ -67,7 +67,7 @@ def test_short_chunk_is_padded_not_recompiled(data):
 def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
     """A fit LM drove onto a bound (flux at 0, centre at its limit) is re-fitted from its
     initial values, in groups of the compiled shape even for a short last chunk."""
-    from sheap_dask import chunk
+    from sheap_dask import batch
 
     wl, flux, ivar, _ = data
     good = np.setdiff1d(np.arange(16), [1, 2, 3])
@@ -77,7 +77,7 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
     reference = fit_chunk(model, wl, flux, ivar, options=opts, pad_to=13)
     assert np.all(reference["status"] == Status.CONVERGED)
 
-    solve = chunk._batched_solve
+    solve = batch.batched_solve
 
     def stuck(compiled, chunk_, start, take, n_active):  # spectra end on bounds, as in a local minimum
         solved = solve(compiled, chunk_, start, take, n_active)
@@ -88,7 +88,7 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
 
     stuck_rows = [0, 2, 4, 5, 6]  # 10 restarts: more than one group of 8; a minority of the chunk
     assert len(flux) == 13
-    monkeypatch.setattr(chunk, "_batched_solve", stuck)
+    monkeypatch.setattr(batch, "batched_solve", stuck)
     before = compile_stats()
     out = fit_chunk(model, wl, flux, ivar, options=opts, pad_to=13)
     short = fit_chunk(model, wl, flux[:11], ivar[:11], options=opts, pad_to=13)  # a short last chunk
@@ -109,7 +109,8 @@ def test_restarts_rescue_fits_stuck_at_a_bound(data, monkeypatch, slots):
 def test_fallback_pinned_rule_flags_only_parameters_at_a_bound(data):
     """fallback pinned_fraction: a parameter with one finite bound (amp >= 0) counts as pinned
     only near that bound, not always."""
-    from sheap_dask.chunk import _Chunk, _fallback_candidates
+    from sheap_dask.batch import ChunkArrays as _Chunk
+    from sheap_dask.rescue import fallback_candidates as _fallback_candidates
     from sheap_dask.compiled import get_compiled
 
     wl, flux, ivar, _ = data

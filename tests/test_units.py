@@ -40,11 +40,13 @@ def assert_same_fit(model, ref: dict, out: dict, factor: float, rtol: float = 1e
     want = ref["params"][ok]
     allowed = rtol * np.abs(want) + sigma_tol * np.nan_to_num(ref["params_err"][ok])
     assert np.all(np.abs(got - want) <= allowed), np.max(np.abs(got - want) / np.maximum(allowed, 1e-300))
-    np.testing.assert_allclose(out["chi2"], ref["chi2"], rtol=rtol)
-    np.testing.assert_allclose(out["redchi2"], ref["redchi2"], rtol=rtol)
+    chi2_rtol = max(rtol, 2e-3) if sigma_tol else rtol  # different data: a chi-square of ~1000 moves by ~1
+    np.testing.assert_allclose(out["chi2"], ref["chi2"], rtol=chi2_rtol)
+    np.testing.assert_allclose(out["redchi2"], ref["redchi2"], rtol=chi2_rtol)
     ok_err = np.isfinite(ref["params_err"]) & (ref["params_err"] > 0)
-    if sigma_tol:  # an error at the edge of "undefined" (wider than its range) may flip to NaN
-        ok_err &= np.isfinite(out["params_err"])
+    if sigma_tol:  # different data: compare the errors of well-measured parameters (an error
+        # wider than half its value is itself poorly determined, and may flip to NaN)
+        ok_err &= np.isfinite(out["params_err"]) & (ref["params_err"] < 0.5 * np.abs(ref["params"]))
     np.testing.assert_allclose(
         out["params_err"][ok_err] / np.broadcast_to(unit, ref["params_err"].shape)[ok_err], ref["params_err"][ok_err],
         rtol=max(rtol, sigma_tol),

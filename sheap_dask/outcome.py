@@ -1,0 +1,117 @@
+"""What a chunk reports besides the parameters: errors and covariance, line fluxes and their
+detection, the quality bits of the final fit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .batch import ChunkArrays, converged_median, redchi2_outlier
+from .batch import pinned as pinned_params
+from .quality import Quality
+from .status import Status
+
+__all__ = ["finish_quality", "parameter_errors", "line_fluxes", "model_lines"]
+
+
+def model_lines(model) -> dict[str, list[str]]:
+    """line name -> the flux parameters that add up to its flux (from ``metadata["lines"]``)."""
+    lines = model.metadata.get("lines", {}) if isinstance(model.metadata, Mapping) else {}
+    out = {}
+    for name, info in lines.items():
+        params = [f"{c}_flux" for c in (info or {}).get("components", []) if f"{c}_flux" in model.params.names]
+        if params:
+            out[name] = params
+    return out
+
+
+def finish_quality(out, good, compiled, chunk: ChunkArrays, options) -> None:
+    """``at_bound`` and the quality bits that depend on the final fit."""
+    fitted = good & np.isin(out["status"], [s.value for s in Status if s.ok])
+    at_bound = pinned_params(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance) & fitted[:, None]
+    out["at_bound"][:] = at_bound
+    out["quality"][at_bound.any(axis=1)] |= Quality.PARAM_AT_BOUND
+    out["quality"][out["method"] == "slsqp"] |= Quality.FALLBACK_USED
+    median = converged_median(out, good)
+    if median is not None:
+        outlier = fitted & redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
+        out["quality"][outlier] |= Quality.CHI2_OUTLIER
+
+
+def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """1-sigma errors sqrt(diag(E C E^T)) with C the covariance of the free parameters and
+    ``(undefined,)`` per spectrum: NaN only for parameters along a degenerate direction.
+
+    C is the pseudo-inverse of the (IRLS-weighted) J^T W J (:func:`sheap_dask.lm.lm_covariance`:
+    a parameter with a non-negligible component along a null direction gets NaN, the others
+    keep finite errors); tied parameters follow their source, fixed ones are 0. An error
+    wider than the parameter's allowed range (``span``, per spectrum) says only that the data
+    do not constrain it: it is NaN too. Also returns the covariance E C E^T of all
+    parameters (NaN rows and columns for the undefined ones).
+    """
+    import jax
+
+    from .lm import lm_covariance
+
+    n_spec = jtwj.shape[0]
+    n_params = compiled.n_params
+    err = np.full((n_spec, n_params), np.nan)
+    cov_all = np.full((n_spec, n_params, n_params), np.nan)
+    undefined = np.zeros(n_spec, dtype=bool)
+    ok = np.all(np.isfinite(jtwj.reshape(n_spec, -1)), axis=1) & np.isin(out["status"], [s.value for s in Status if s.ok])
+    if not ok.any() or compiled.n_free == 0:
+        err[ok] = 0.0
+        cov_all[ok] = 0.0
+        return err, undefined, cov_all
+    with jax.enable_x64(True):
+        cov = np.asarray(lm_covariance(np.asarray(jtwj[ok], dtype=np.float64)), dtype=np.float64)
+    bad_free = np.isnan(np.einsum("nii->ni", cov))
+    E = compiled.embed_matrix
+    with np.errstate(all="ignore"):
+        full = np.einsum("ij,njk,lk->nil", E, np.nan_to_num(cov), E)
+        e = np.sqrt(np.clip(np.einsum("nii->ni", full), 0, None))
+    # a parameter is undefined when any free parameter it depends on is
+    e[(bad_free.astype(float) @ (E.T != 0)) > 0] = np.nan
+    if options.error_scale == "redchi2":
+        e = e * np.sqrt(np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan))[:, None]
+    with np.errstate(invalid="ignore"):
+        unconstrained = e > span[ok]
+    e[unconstrained] = np.nan
+    e[:, compiled.embed_fixed_mask] = 0.0
+    nan = np.isnan(e)
+    full[nan[:, :, None] | nan[:, None, :]] = np.nan
+    if options.error_scale == "redchi2":
+        full = full * np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan)[:, None, None]
+    err[ok] = e
+    cov_all[ok] = full
+    undefined[ok] = bad_free.any(axis=1) | unconstrained.any(axis=1)
+    return err, undefined, cov_all
+
+
+def line_fluxes(out, model, options) -> None:
+    """Each line's flux (the sum of its components' fluxes), its error from the covariance
+    (correlations between the components included) and whether it is detected: flux /
+    error >= ``sheap_dask.lines.detection_sigma``. The quality bits say when a main line of
+    the model (``metadata["main_lines"]``, default every line) is not detected."""
+    lines = model_lines(model)
+    if not lines:
+        return
+    names = model.param_names
+    weights = np.zeros((len(lines), len(names)))
+    for k, params in enumerate(lines.values()):
+        weights[k, [names.index(p) for p in params]] = 1.0
+    with np.errstate(invalid="ignore"):
+        out["line_flux"] = out["params"] @ weights.T
+        var = np.einsum("kp,npq,kq->nk", weights, out["params_cov"], weights)
+        out["line_flux_err"] = np.sqrt(np.where(var >= 0, var, np.nan))
+        significance = out["line_flux"] / out["line_flux_err"]
+    out["line_detected"] = np.nan_to_num(significance, nan=0.0) >= options.detection_sigma
+    meta = model.metadata.get("lines", {})
+    main = model.metadata.get("main_lines") or list(lines)
+    fitted = np.isin(out["status"], [s.value for s in Status if s.ok])
+    for k, name in enumerate(lines):
+        if name not in main:
+            continue
+        bit = Quality.BROAD_LINE_UNDETECTED if (meta.get(name) or {}).get("kind") == "broad" else Quality.NARROW_LINE_UNDETECTED
+        out["quality"][fitted & ~out["line_detected"][:, k]] |= bit

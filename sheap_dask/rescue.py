@@ -1,0 +1,221 @@
+"""Fits that need more than the batched solve: restarts, absorber rejection, the SLSQP fallback.
+
+All batched except the fallback, which is the only loop over spectra (failed ones only);
+each compares and minimises the objective of the batched solve (``loss``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+
+from .batch import (
+    ChunkArrays,
+    converged_median,
+    group_size,
+    redchi2_outlier,
+    solve,
+    update_redchi2,
+)
+from .batch import (
+    pinned as pinned_params,
+)
+from .quality import Quality
+from .status import Status
+
+logger = logging.getLogger("sheap_dask.chunk")
+
+__all__ = ["restart_suspects", "reject_absorbers", "trough_mask", "fallback_candidates", "run_fallback"]
+
+
+def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
+    """Batched restarts for fits stuck in a local minimum; keeps the lowest objective.
+
+    A parameter driven onto a bound (a line flux at 0, a shift at its limit) has a vanishing
+    gradient in the optimizer's bounded coordinates, so LM cannot bring it back even when
+    the fit is clearly poor. Suspects are spectra with a reduced chi-square above
+    ``median * (1 + redchi2_sigma * sqrt(2 / dof))`` or a pinned parameter. Each is re-fitted
+    twice in one batch: with its pinned parameters reset to their initial values, and with
+    the whole components of its pinned parameters reset; the lowest objective of the three
+    fits is kept.
+    """
+    good = chunk.good
+    median = converged_median(out, good)
+    if median is None:
+        return
+    ok = good & (out["status"] == Status.CONVERGED) & np.isfinite(out["redchi2"])
+    outlier = redchi2_outlier(out["redchi2"], out["dof"], median, options.redchi2_sigma)
+    pinned = pinned_params(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance)
+    suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (out["redchi2"] > median))))
+    if suspects.size == 0:
+        return
+    pinned = pinned[suspects]
+    whole = pinned.copy()
+    for group in compiled.component_groups:
+        whole[:, group] |= whole[:, group].any(axis=1, keepdims=True)
+    current = out["params"][suspects]
+    starts = chunk.start.copy()
+    for trial in (np.where(pinned, chunk.start[suspects], current), np.where(whole, chunk.start[suspects], current)):
+        starts[suspects] = trial
+        res = solve(compiled, chunk, starts, suspects)
+        valid = (res["status"] == Status.CONVERGED) & np.isfinite(res["loss"])
+        win = valid & (res["loss"] < out["loss"][suspects])
+        i = suspects[win]
+        for name in ("params", "loss", "chi2"):
+            out[name][i] = res[name][win]
+        out["n_iter"][suspects[valid]] += res["n_iter"][valid]
+        jtwj[i] = res["jtwj"][win]
+    update_redchi2(out, suspects)
+
+
+def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
+    """Mask narrow troughs far below the model and re-solve the spectra that have them.
+
+    Rule (documented in the README): with residuals r = (data - model)/sigma measured from
+    their running median (so broad model mismatch does not count), a trough is a run of
+    adjacent pixels below -``absorber_sigma`` / 1.5 whose deepest pixel is below
+    -``absorber_sigma``, two to ``absorber_max_width`` pixels long (one pixel below -2 x
+    ``absorber_sigma`` also counts); it is grown by ``absorber_grow`` pixels on each side
+    and masked. A spectrum whose masked pixels would exceed ``absorber_max_fraction`` of its
+    usable pixels is left alone (the model, not absorbers, is wrong there). The affected
+    spectra are re-solved from their current parameters in one batched call, up to
+    ``absorber_iterations`` times.
+    """
+    for _ in range(int(options.absorber_iterations)):
+        rows = np.flatnonzero(chunk.good & (out["status"] == Status.CONVERGED))  # an unconverged fit's residuals say little
+        if rows.size == 0:
+            return
+        resid = _residuals(compiled, chunk, out["params"], rows)
+        mask = trough_mask(resid, options.absorber_sigma, int(options.absorber_grow), int(options.absorber_max_width))
+        n_new = mask.sum(axis=1)
+        usable = np.isfinite(chunk.errors[rows])
+        n_total = out["n_masked"][rows] + n_new
+        accept = (n_new > 0) & (n_total <= options.absorber_max_fraction * usable.sum(axis=1))
+        if not accept.any():
+            return
+        hit = rows[accept]
+        chunk.errors[hit] = np.where(mask[accept], np.inf, chunk.errors[hit])
+        chunk.flux[hit] = np.where(mask[accept], 0.0, chunk.flux[hit])
+        out["n_masked"][hit] = n_total[accept]
+        out["dof"][hit] -= n_new[accept]
+        out["quality"][hit] |= Quality.ABSORBERS_MASKED
+        res = solve(compiled, chunk, out["params"], hit)
+        done = np.isfinite(res["loss"]) & np.all(np.isfinite(res["params"]), axis=1)
+        i = hit[done]
+        for name in ("params", "loss", "chi2", "status"):
+            out[name][i] = res[name][done]
+        out["n_iter"][i] += res["n_iter"][done]
+        jtwj[i] = res["jtwj"][done]
+        update_redchi2(out, hit)
+
+
+def _residuals(compiled, chunk: ChunkArrays, params: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(data - model)/sigma of ``rows`` (NaN where masked)."""
+    wl = chunk.wl[rows] if chunk.wl.ndim == 2 else chunk.wl
+    model = compiled.evaluate_rows(wl, params[rows], group_size(chunk.batch))
+    with np.errstate(all="ignore"):
+        return np.where(np.isfinite(chunk.errors[rows]), (chunk.flux[rows] - model) / chunk.errors[rows], np.nan)
+
+
+def trough_mask(resid: np.ndarray, sigma: float, grow: int, max_width: int) -> np.ndarray:
+    """Pixels of narrow troughs (see :func:`reject_absorbers`), vectorised over spectra.
+
+    Residuals are measured against their running median over ``4 * max_width + 1`` pixels,
+    so a broad stretch where the model is off (continuum or FeII mismatch, common at high
+    S/N) is not mistaken for absorption: only dips narrower than ``max_width`` pixels are.
+    """
+    n_spec, n_pix = resid.shape
+    half = 2 * max_width
+    padded = np.pad(resid, ((0, 0), (half, half)), constant_values=np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1, axis=1)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows (masked stretches)
+        baseline = np.nan_to_num(np.nanmedian(windows, axis=2), nan=0.0)
+    dip = np.nan_to_num(resid - baseline, nan=0.0)
+    low = dip < -sigma / 1.5
+    # label runs of `low` per spectrum: a run id increments at each False -> True edge
+    edges = np.diff(np.concatenate([np.zeros((n_spec, 1), bool), low], axis=1).astype(np.int8), axis=1) == 1
+    run_id = np.cumsum(edges, axis=1) * low
+    n_runs = int(run_id.max(initial=0))
+    if n_runs == 0:
+        return np.zeros_like(low)
+    flat = (np.arange(n_spec)[:, None] * (n_runs + 1) + run_id).ravel()
+    length = np.bincount(flat, weights=low.ravel(), minlength=n_spec * (n_runs + 1))
+    deepest = np.zeros(n_spec * (n_runs + 1))
+    np.minimum.at(deepest, flat, np.where(low, dip, 0.0).ravel())
+    keep = (((length >= 2) & (deepest < -sigma)) | (deepest < -2.0 * sigma)) & (length <= max_width)
+    keep[:: n_runs + 1] = False  # run id 0 is "not low"
+    mask = keep[flat].reshape(n_spec, n_pix)
+    for _ in range(grow):
+        mask = mask | np.roll(mask, 1, axis=1) & ~_edge(n_pix, 0) | np.roll(mask, -1, axis=1) & ~_edge(n_pix, -1)
+    return mask & np.isfinite(resid)
+
+
+def _edge(n_pix: int, where: int) -> np.ndarray:
+    edge = np.zeros(n_pix, dtype=bool)
+    edge[where] = True
+    return edge
+
+
+def fallback_candidates(out, good, compiled, chunk: ChunkArrays, options) -> np.ndarray:
+    """Indices of spectra to re-fit with SLSQP (the documented rule, see sheap_dask.yaml)."""
+    status = out["status"]
+    bad = good & (status != Status.CONVERGED)
+    median = converged_median(out, good)
+    if median is not None:
+        converged = good & (status == Status.CONVERGED) & np.isfinite(out["redchi2"])
+        bad |= converged & redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
+    if options.pinned_fraction > 0:
+        bad |= good & pinned_params(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_fraction).any(axis=1)
+    return np.flatnonzero(bad)
+
+
+def run_fallback(retry, out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
+    """Re-fit ``retry`` spectra one by one with SLSQP on the batched solve's objective; keep
+    whichever fit has the lower objective."""
+    import jax
+
+    params = compiled.model.params
+    free = compiled.free_index
+    solver = compiled.slsqp(options)
+    batch_rows = out["params"][retry]
+    offsets = params.expand_free(np.zeros((retry.size, compiled.n_free)), np.where(np.isfinite(batch_rows), batch_rows, chunk.start[retry]))
+    logger.info("SLSQP fallback for %d spectra", retry.size)
+    for k, i in enumerate(retry):  # the only Python loop over spectra: failed ones only
+        wl_i, flux_i, err_i, lower_i, upper_i = chunk.rows(i)
+        batch_p = out["params"][i, free]
+        inside = np.all(np.isfinite(batch_p)) and np.all(batch_p >= lower_i[free]) and np.all(batch_p <= upper_i[free])
+        x0 = batch_p if inside else chunk.start[i, free]
+        try:
+            with jax.enable_x64(True):
+                res = solver.minimize(
+                    compiled.objective_free,
+                    params={"value": x0, "lower": lower_i[free], "upper": upper_i[free], "name": params.free_names},
+                    args=(offsets[k], wl_i, flux_i, err_i),
+                )
+        except Exception as exc:  # a failed re-fit must never crash its chunk
+            logger.warning("SLSQP fallback raised for spectrum %d of the chunk: %r", i, exc)
+            if out["status"][i] == Status.NONFINITE:
+                out["status"][i] = Status.FAILED
+            continue
+        was_converged = out["status"][i] == Status.CONVERGED
+        candidate = params.expand_free(np.asarray(res.values, dtype=np.float64), offsets[k])
+        chi2, objective, jtwj_i = compiled.post(candidate[None], wl_i if wl_i.ndim == 1 else wl_i[None], flux_i[None], err_i[None])
+        # A converged batch fit (re-fitted only as an outlier) is replaced only by a
+        # converged SLSQP fit with a lower objective: never by a worse or unconverged one.
+        # An unconverged one is replaced by a converged SLSQP fit that is no worse.
+        old = out["loss"][i]
+        better = np.isfinite(objective[0]) and not (objective[0] >= old)  # also when the old one is NaN
+        as_good = np.isfinite(objective[0]) and res.converged and not was_converged and objective[0] <= old + 1e-9 * abs(old)
+        if (better or as_good) and (res.converged or not was_converged):
+            out["params"][i] = candidate
+            out["loss"][i], out["chi2"][i] = objective[0], chi2[0]
+            out["method"][i] = "slsqp"
+            out["n_iter"][i] = res.n_eval
+            out["status"][i] = Status.CONVERGED_AFTER_FALLBACK if res.converged else Status.FAILED
+            jtwj[i] = jtwj_i[0]
+            update_redchi2(out, np.array([i]))
+        elif out["status"][i] == Status.NONFINITE:
+            out["status"][i] = Status.FAILED
