@@ -22,6 +22,7 @@ _LAZY = {
     "SLSQP": "slsqp",
     "FitResult": "slsqp",
     "Model": "model",
+    "ContinuumStage": "model",
     "Status": "status",
     "Quality": "quality",
     "find_model": "model",
