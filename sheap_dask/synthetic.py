@@ -23,6 +23,15 @@ HeII 4686                     EW U(1, 6) A, FWHM U(2000, 6000), shift U(-500, 50
 
 Noise: ``sigma = continuum(5100 A) / snr`` with ``snr`` uniform in the ``snr`` range per
 spectrum, constant across the spectrum (``ivar = 1 / sigma^2``).
+
+Host galaxy (``host=True``): the model is ``region(region, host=True)`` and, drawn after
+everything above (so the AGN truth is the same as without a host for one seed), the host
+fraction at 5100 A ``f`` uniform in ``host_fraction`` (default 0-0.8), split between the
+templates with Dirichlet(1, ..., 1) weights, extra stellar dispersion U(0, 200) km/s and
+shift U(-100, 100) km/s. The continuum of the noise is then the total (AGN + host) at the
+reference wavelength, and the output has ``true_frac_host_5100`` and ``true_frac_host_4200``
+(host / (host + AGN continuum), evaluated from the model like
+:func:`sheap_dask.derived.host.host_fraction`).
 """
 
 from __future__ import annotations
@@ -42,6 +51,23 @@ def sdss_grid(low: float = 4400.0, high: float = 5600.0) -> np.ndarray:
     start = np.ceil(np.log10(low) / 1e-4 - 1e-9)
     stop = np.floor(np.log10(high) / 1e-4 + 1e-9)
     return 10.0 ** (np.arange(start, stop + 1) * 1e-4)
+
+
+def _draw_host(model, out: np.ndarray, n: int, rng: np.random.Generator, fraction: tuple[float, float]) -> None:
+    """Host weights, dispersion and shift for a drawn AGN truth ``out`` (in place)."""
+    pos = {nm: i for i, nm in enumerate(model.param_names)}
+    ref = model.metadata["continuum_ref_wavelength"]
+    for name in model.metadata.get("host") or []:
+        comp = model.component_objects[name]
+        tmpl = comp.info["template_obj"]
+        agn = out[:, pos["powerlaw_norm"]] * (5100.0 / ref) ** out[:, pos["powerlaw_index"]]
+        f = rng.uniform(fraction[0], fraction[1], n)
+        total = f / (1.0 - f) * agn  # host flux density at 5100 A (templates are 1 there)
+        w = rng.dirichlet(np.ones(tmpl.k), n) * total[:, None]
+        for k in range(tmpl.k):
+            out[:, pos[f"{name}_w{k + 1}"]] = w[:, k]
+        out[:, pos[f"{name}_sigma"]] = rng.uniform(0.0, 200.0, n)
+        out[:, pos[f"{name}_shift"]] = rng.uniform(-100.0, 100.0, n)
 
 
 def _draw_truth(model, region: str, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -124,13 +150,16 @@ def synthetic_spectra_numpy(
     n_all_nan: int | None = None,
     dtype="float32",
     model=None,
+    host: bool = False,
+    host_fraction: tuple[float, float] = (0.0, 0.8),
 ) -> dict:
     """Synthetic spectra as plain numpy arrays.
 
     Same arguments as :func:`synthetic_spectra` (which wraps this). Returns a dict with
     ``wavelength`` (n_pix,), ``flux``, ``ivar`` (n_spectra, n_pix), ``true_params``
     (n_spectra, n_params; NaN for the all-NaN spectra), ``param_names``, ``snr``,
-    ``redshift`` (n_spectra,) or None, ``all_nan`` (bool, n_spectra) and ``model``.
+    ``redshift`` (n_spectra,) or None, ``all_nan`` (bool, n_spectra) and ``model``; with
+    ``host``, ``true_frac_host_5100`` and ``true_frac_host_4200`` (n_spectra,).
     """
     from . import models
 
@@ -145,8 +174,15 @@ def synthetic_spectra_numpy(
         raise InputDataError(f"synthetic_spectra(snr={snr!r}): need 0 < low <= high.")
     if not 0.0 <= masked_fraction <= 1.0:
         raise InputDataError(f"synthetic_spectra(masked_fraction={masked_fraction!r}): must be within [0, 1].")
+    try:
+        f_lo, f_hi = (float(host_fraction[0]), float(host_fraction[1]))
+    except (TypeError, ValueError, IndexError):
+        raise InputDataError(f"synthetic_spectra(host_fraction={host_fraction!r}): give a (low, high) range within [0, 1).") from None
+    if not 0.0 <= f_lo <= f_hi < 1.0:
+        raise InputDataError(f"synthetic_spectra(host_fraction={host_fraction!r}): need 0 <= low <= high < 1.")
     rng = np.random.default_rng(seed)
-    model = model if model is not None else models.region(region)
+    model = model if model is not None else models.region(region, host=bool(host))
+    host = bool(model.metadata.get("host"))
     win = model.window
 
     z = None
@@ -173,6 +209,8 @@ def synthetic_spectra_numpy(
             raise InputDataError("synthetic_spectra(wavelength=...): need a 1-D increasing grid of >= 10 Angstrom values.")
 
     truth = _draw_truth(model, model.metadata.get("region") or region, n, rng)
+    if host:
+        _draw_host(model, truth, n, rng, (f_lo, f_hi))
     rest = wl[None, :] / (1.0 + z[:, None]) if z is not None else wl
     import jax
     import jax.numpy as jnp
@@ -183,6 +221,18 @@ def synthetic_spectra_numpy(
     if z is not None:
         clean = clean / (1.0 + z[:, None])  # observed-frame flux density
     level = truth[:, model.params.index("powerlaw_norm")] / (1.0 + (z if z is not None else 0.0))
+    frac = {}
+    if host:  # noise relative to the total continuum (AGN + host) at the reference wavelength
+        ref = model.metadata["continuum_ref_wavelength"]
+        parts = model.evaluate_components(np.array([4200.0, 5100.0, ref]), truth)
+        agn = sum(parts[c] for c in model.metadata["continuum"] if model.metadata["components"][c]["kind"] != "feii")
+        from .derived.host import _host_fn
+
+        hfn = jax.jit(jax.vmap(_host_fn(model, model.metadata["host"]), in_axes=(None, 0)))
+        h = np.asarray(hfn(jnp.asarray([4200.0, 5100.0, ref]), jnp.asarray(truth)), dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = {"true_frac_host_4200": h[:, 0] / (h[:, 0] + agn[:, 0]), "true_frac_host_5100": h[:, 1] / (h[:, 1] + agn[:, 1])}
+        level = (agn[:, 2] + h[:, 2]) / (1.0 + (z if z is not None else 0.0))
     s2n = rng.uniform(lo_snr, hi_snr, n)
     sigma = level / s2n
     flux = clean + rng.normal(size=clean.shape) * sigma[:, None]
@@ -213,7 +263,10 @@ def synthetic_spectra_numpy(
     ivar[all_nan] = 0.0
     truth = truth.copy()
     truth[all_nan] = np.nan
+    for v in frac.values():
+        v[all_nan] = np.nan
     return {
+        **frac,
         "wavelength": wl,
         "flux": flux.astype(dtype),
         "ivar": ivar.astype(dtype),
@@ -238,6 +291,8 @@ def synthetic_spectra(
     n_all_nan: int | None = None,
     chunk: int | None = None,
     dtype="float32",
+    host: bool = False,
+    host_fraction: tuple[float, float] = (0.0, 0.8),
 ):
     """Synthetic quasar spectra of a built-in region with known truth, as an xarray Dataset.
 
@@ -270,6 +325,11 @@ def synthetic_spectra(
         Chunk the result along ``spectrum`` (dask).
     dtype : str
         dtype of ``flux`` and ``ivar`` (default float32, as SDSS files).
+    host : bool
+        Add host-galaxy starlight (the built-in templates; model ``region(region,
+        host=True)``), see the module docstring. Default False: the plain quasar spectra.
+    host_fraction : (float, float)
+        Range of the true host fraction at 5100 A (uniform).
 
     Returns
     -------
@@ -277,7 +337,8 @@ def synthetic_spectra(
         dims ``(spectrum, wavelength)``; ``flux``, ``ivar``; ``true_params`` (spectrum,
         param) float64 with coordinate ``param`` (the model's parameter names); ``snr`` and
         ``all_nan`` (spectrum); coords ``wavelength``, ``spectrum`` (0..n-1) and optionally
-        ``redshift``. ``attrs``: region, seed, description.
+        ``redshift``; with ``host``, ``true_frac_host_5100`` and ``true_frac_host_4200``
+        (spectrum). ``attrs``: region, seed, host, description.
 
     Examples
     --------
@@ -289,7 +350,8 @@ def synthetic_spectra(
     import xarray as xr
 
     d = synthetic_spectra_numpy(n_spectra, region=region, seed=seed, snr=snr, wavelength=wavelength, redshift=redshift,
-                                masked_fraction=masked_fraction, n_all_nan=n_all_nan, dtype=dtype)
+                                masked_fraction=masked_fraction, n_all_nan=n_all_nan, dtype=dtype, host=host,
+                                host_fraction=host_fraction)
     n = d["flux"].shape[0]
     coords = {"spectrum": np.arange(n), "wavelength": d["wavelength"], "param": d["param_names"]}
     if d["redshift"] is not None:
@@ -301,12 +363,15 @@ def synthetic_spectra(
             "true_params": (("spectrum", "param"), d["true_params"], {"long_name": "parameters the spectra were drawn from"}),
             "snr": ("spectrum", d["snr"], {"long_name": "S/N per pixel at the continuum reference wavelength"}),
             "all_nan": ("spectrum", d["all_nan"], {"long_name": "spectrum blanked (all NaN)"}),
+            **{k: ("spectrum", d[k], {"long_name": f"true host fraction at {k[-4:]} A: host / (host + AGN continuum)", "units": "1"})
+               for k in ("true_frac_host_4200", "true_frac_host_5100") if k in d},
         },
         coords=coords,
         attrs={
             "title": f"sheap_dask synthetic {region} spectra",
             "region": region,
             "seed": int(seed),
+            "host": int(bool(host)),
             "frame": "observed" if d["redshift"] is not None else "rest",
             "description": "sheap_dask.synthetic.synthetic_spectra: model spectra with Gaussian noise, masked runs and all-NaN spectra",
         },

@@ -204,7 +204,7 @@ def test_user_template_from_arrays_and_file(tmp_path):
         np.testing.assert_allclose(_ev(t_file, x, 1.0, 2000.0, 0.0), ref, rtol=1e-10, atol=1e-14)
     assert x[np.argmax(ref)] == pytest.approx(4600.0, abs=1.0)
     # a model with a user template
-    m = sd.models.region("hbeta", feii_template=str(tmp_path / "t.txt"))
+    m = sd.models.region("hbeta", feii_template=str(tmp_path / "t.txt"), host=False)
     assert m.n_free == 20
     with pytest.raises(ModelError, match="not a file"):
         feii.load_template(str(tmp_path / "missing.txt"))
@@ -245,15 +245,15 @@ def test_compose_names_ties_and_metadata():
 
 # -- regions ------------------------------------------------------------------------------
 def test_region_parameter_counts_and_catalogue():
-    hb = sd.models.region("hbeta")
+    hb = sd.models.region("hbeta", host=False)  # the host's 5 parameters: tests/test_host.py
     assert hb.n_free == 20 and hb.window == (4400.0, 5600.0)
     assert set(hb.metadata["lines"]) == {"hbeta_broad", "hbeta_narrow", "oiii5007", "oiii4959", "heii4686"}
     assert hb.metadata["continuum"] == ["powerlaw", "feii"] and hb.metadata["region"] == "hbeta"
     assert hb.metadata["continuum_ref_wavelength"] == 5100.0
     assert hb.params["oiii4959_flux"].tie == ("oiii4959_flux", "oiii5007_flux", "/", 2.98)
-    assert sd.models.region("hbeta", share_narrow=True).n_free == 18
-    assert sd.models.region("hbeta", n_broad=3, feii=False).n_free == 20 - 3 + 3
-    ha = sd.models.region("halpha")
+    assert sd.models.region("hbeta", share_narrow=True, host=False).n_free == 18
+    assert sd.models.region("hbeta", n_broad=3, feii=False, host=False).n_free == 20 - 3 + 3
+    ha = sd.models.region("halpha", host=False)
     assert {"halpha_broad", "halpha_narrow", "nii6584", "nii6548", "sii6717", "sii6731", "oi6300", "oi6364"} == set(ha.metadata["lines"])
     assert ha.n_free == 2 + 6 + 3 + 1 + 2 + 1  # [OI] 6300 flux ([OI] 6364 = 6300 / 3; kinematics of narrow H-alpha)
     assert ha.params["oi6364_flux"].tie == ("oi6364_flux", "oi6300_flux", "/", 3.0)
@@ -287,7 +287,7 @@ def test_region_model_under_jit_vmap_and_jacobian():
 
     y = jax.jit(jax.vmap(resid))(raw)
     J = jax.jit(jax.vmap(jax.jacfwd(resid)))(raw)
-    assert y.shape == (3, x.size) and J.shape == (3, x.size, 20)
+    assert y.shape == (3, x.size) and J.shape == (3, x.size, 25)  # 20 + the host's 3 weights, dispersion, shift
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(J))
     # float32 path
     y32 = jax.jit(m.func)(jnp.asarray(x, jnp.float32), jnp.asarray(m.params.values, jnp.float32))
@@ -297,7 +297,7 @@ def test_region_model_under_jit_vmap_and_jacobian():
 
 def test_initializer_close_to_truth_on_synthetic():
     ds = synthetic_spectra(60, seed=3, n_all_nan=2)
-    m = sd.models.region("hbeta")
+    m = sd.models.region("hbeta", host=False)  # quasar-only truth (the host's start: tests/test_host.py)
     init = m.initial_values(ds.wavelength.values, ds.flux.values, ds.ivar.values)
     assert init.shape == (60, m.n_params) and np.all(np.isfinite(init))
     lo, hi = m.params.lower, m.params.upper
@@ -343,7 +343,7 @@ def test_gaussian_sum_jvp_matches_autodiff():
 @pytest.mark.parametrize("name", ["halpha", "mgii", "civ"])
 def test_other_region_initializers_finite_and_in_bounds(name):
     ds = synthetic_spectra(12, region=name, seed=1, masked_fraction=0.5)
-    m = sd.models.region(name)
+    m = sd.models.region(name, host=False)  # quasar-only truth
     init = m.initial_values(ds.wavelength.values, ds.flux.values, ds.ivar.values)
     assert np.all(np.isfinite(init)) and np.all((init >= m.params.lower) & (init <= m.params.upper))
     i = m.params.index("powerlaw_norm")

@@ -34,6 +34,7 @@ import xarray as xr
 
 from . import derived as _derived
 from . import evaluate as _evaluate
+from . import host as _host
 from . import plot as _plot
 from . import summary as _summary
 from .link import Link, register_model, registered_model
@@ -235,6 +236,35 @@ class SheapAccessor:
         """
         scale = _derived.Scale(redshift, flux_unit, H0, Om0)
         return _derived.bh_mass(self._link, recipe, errors, continuum, scale, options)
+
+    # ------------------------------------------------------------------------------------
+    # host galaxy
+    # ------------------------------------------------------------------------------------
+    def frac_host(self, wavelength: float, *, errors: bool = False, continuum: Sequence[str] | None = None, **options):
+        """Host-galaxy fraction ``H / (H + C)`` of the continuum at a rest wavelength (Å).
+
+        ``H`` is the host starlight, ``C`` the AGN continuum (default: the model's continuum
+        without FeII). A DataArray ``frac_host_<wavelength>``; ``errors=True`` adds the Monte
+        Carlo error. Needs a model with a host (``region(..., host=True)``); see
+        :func:`sheap_dask.derived.host.host_fraction`.
+        """
+        return _host.host_fraction(self._link, wavelength, errors, continuum, options)
+
+    def frac_host_4200(self, *, errors: bool = False, **options):
+        """Host fraction at 4200 Å (:meth:`frac_host`)."""
+        return self.frac_host(4200.0, errors=errors, **options)
+
+    def frac_host_5100(self, *, errors: bool = False, **options):
+        """Host fraction at 5100 Å (:meth:`frac_host`)."""
+        return self.frac_host(5100.0, errors=errors, **options)
+
+    def stellar_dispersion(self, *, errors: bool = False, instrumental_sigma: float | None = None):
+        """Stellar velocity dispersion of the host (km/s), ``sigma_star``.
+
+        ``sqrt(sigma_0^2 + host_sigma^2 - sigma_inst^2)``; see
+        :func:`sheap_dask.derived.host.stellar_dispersion`.
+        """
+        return _host.stellar_dispersion(self._link, errors, instrumental_sigma)
 
     # ------------------------------------------------------------------------------------
     # model curves and residuals

@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import ModelError
 from . import continuum as _continuum
 from . import feii as _feii
+from . import host as _host
 from . import profiles as _profiles
 from .lines import LINES, NII_RATIO, OIII_RATIO, rest_wavelength
 from .lines import rest_wavelength as _catalogue_rest
@@ -50,6 +51,7 @@ __all__ = [
     "polynomial",
     "balmer_continuum",
     "feii_component",
+    "host_component",
     "compose",
     "region",
     "REGIONS",
@@ -61,11 +63,14 @@ __all__ = [
     "profiles",
     "continuum",
     "feii",
+    "host",
 ]
 
 profiles = _profiles
 continuum = _continuum
 feii = _feii  # the module (templates); the component factory is feii_component
+host = _host  # host-galaxy templates; the component factory is host_component
+host_component = _host.host_component
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,8 @@ class Component:
         Rest wavelength of the line (vacuum Angstrom).
     line_kind : {"broad", "narrow"}, optional
     continuum : bool
-        True for continuum components (listed in ``model.metadata["continuum"]``).
+        True for continuum components (listed in ``model.metadata["continuum"]``; host
+        starlight, kind ``"host"``, in ``model.metadata["host"]`` instead).
     info : dict
         Extra JSON-serialisable description (template name, reference wavelength, ...).
     flux_params : tuple of str, optional
@@ -423,7 +429,10 @@ def compose(
     meta = {
         "param_units": {f"{c.name}_{sp.name}": _unit_template(c.kind, sp.name) for c in components for sp in c.params},
         "lines": lines_meta,
-        "continuum": [c.name for c in components if c.continuum],
+        # host starlight is continuum for the fit (and its continuum stage) but not AGN light:
+        # luminosities and EWs default to metadata["continuum"], so it is listed apart
+        "continuum": [c.name for c in components if c.continuum and c.kind != "host"],
+        "host": [c.name for c in components if c.kind == "host"],
         "components": {
             c.name: {"kind": c.kind, "params": c.param_names, "line": c.line,
                      **{k: v for k, v in c.info.items() if k != "template_obj"}}
@@ -444,15 +453,15 @@ def compose(
 
 
 # Units of the built-in components' parameters; "{flux}" stands for the input's flux unit.
-_UNITS = {"flux": "{flux} Angstrom", "shift": "km/s", "fwhm": "km/s", "eta": "1", "skew": "1", "norm": "{flux}",
+_UNITS = {"flux": "{flux} Angstrom", "shift": "km/s", "fwhm": "km/s", "sigma": "km/s", "eta": "1", "skew": "1", "norm": "{flux}",
           "index": "1", "temperature": "K", "tau": "1"}
 
 
 def _unit_template(kind: str, local: str) -> str:
     if local == "amplitude":  # FeII: integrated flux in its band; Balmer: flux density at the edge
         return "{flux} Angstrom" if kind == "feii" else "{flux}"
-    if kind == "polynomial":
-        return "{flux}"
+    if kind == "polynomial" or (kind == "host" and local[:1] == "w"):
+        return "{flux}"  # host weights: flux density at 5100 A
     return _UNITS.get(local, "")
 
 

@@ -38,7 +38,7 @@ from ..errors import ModelError
 from .lines import LINES, NII_RATIO, OI_RATIO, OIII_RATIO
 from .profiles import C_KMS
 
-__all__ = ["region", "REGIONS", "RegionSpec", "make_initializer", "covering_spectra"]
+__all__ = ["region", "REGIONS", "RegionSpec", "make_initializer", "covering_spectra", "AUTO_HOST_MIN_WAVELENGTH", "host_default"]
 
 BROAD_FWHM = (1000.0, 20000.0)
 NARROW_FWHM = (100.0, 1200.0)
@@ -46,6 +46,11 @@ BROAD_SHIFT = 3000.0
 NARROW_SHIFT = 1000.0
 WING_FWHM = (500.0, 2500.0)
 WING_SHIFT = (-2000.0, 500.0)
+#: ``host="auto"`` puts the host galaxy in regions whose window starts at or redward of this
+#: rest wavelength (A): there the stellar features (4000 A break, H-beta, Mg b, Fe, Na D
+#: absorption) fall and the starlight of low-luminosity quasars is a large part of the
+#: continuum (H-beta, H-alpha); blueward of it (MgII, CIV) a quasar's host is negligible.
+AUTO_HOST_MIN_WAVELENGTH = 3500.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,8 @@ def region(
     feii_template=None,
     oiii_wing: bool = False,
     continuum: str = "windows",
+    host: bool | str = "auto",
+    host_template=None,
 ):
     """A built-in quasar region model.
 
@@ -241,6 +248,21 @@ def region(
         first on the region's line-free windows, then the lines on top of it (Shen et al.
         2011; Wu & Shen 2022): a broad Gaussian cannot trade flux with a power law fitted
         on a short window. ``"joint"``: everything in one fit over the window.
+    host : {"auto", True, False}
+        Host-galaxy starlight (:func:`sheap_dask.models.host_component`: non-negative
+        weights of galaxy templates, a stellar dispersion and shift; parameters
+        ``host_w1..host_wK``, ``host_sigma``, ``host_shift``). ``"auto"`` (default): on for
+        regions whose window starts at >= :data:`AUTO_HOST_MIN_WAVELENGTH` (3500 A; hbeta and
+        halpha), off for mgii and civ; the non-negative weights then decide per spectrum how
+        much starlight there is (zero for a luminous quasar). The host is part of the
+        continuum stage: its weights are fitted on the line-free windows with the power law
+        and FeII and then held fixed while the lines are fitted, so it cannot absorb
+        broad-line flux; its shape is fixed by the templates (stellar absorption, no
+        emission).
+    host_template : optional
+        Own host templates: ``(wavelength, flux)`` arrays (flux (n,) or (K, n)), a file path
+        or a :class:`~sheap_dask.models.host.HostTemplate` (default: the built-in SDSS
+        galaxy templates, 3400-8050 A).
 
     Returns
     -------
@@ -249,17 +271,20 @@ def region(
         ``metadata["region_spec"]`` = ``{"name": name, "kwargs": {...}}``, the JSON-serializable
         arguments that rebuild it (``fit_dataset`` stores it as ``attrs["sheap_region"]``);
         omitted when ``feii_template`` is given as arrays.
-        ``region("hbeta")`` has 20 free parameters: powerlaw norm, index (2); feii
+        ``region("hbeta", host=False)`` has 20 free parameters: powerlaw norm, index (2); feii
         amplitude, fwhm, shift (3); hbeta_broad1/2 flux, shift, fwhm (6); hbeta_narrow flux,
         shift, fwhm (3); oiii5007 flux, shift, fwhm (3; oiii4959 tied: flux = 5007/2.98,
-        same shift and fwhm); heii4686 flux, shift, fwhm (3).
+        same shift and fwhm); heii4686 flux, shift, fwhm (3). The default (``host="auto"``)
+        adds the host's 3 template weights, dispersion and shift (25).
 
     Examples
     --------
     >>> import sheap_dask as sd
     >>> m = sd.models.region("hbeta")
     >>> m.n_free, m.window
-    (20, (4400.0, 5600.0))
+    (25, (4400.0, 5600.0))
+    >>> sd.models.region("hbeta", host=False).n_free
+    20
     """
     from . import compose
 
@@ -277,14 +302,26 @@ def region(
     win = spec.window if window is None else (float(window[0]), float(window[1]))
     if not win[0] < win[1]:
         raise ModelError(f"region({name!r}, window={window!r}): window must be (low, high) in Angstrom with low < high.")
+    with_host = host_default(win) if isinstance(host, str) and host == "auto" else host
+    if not isinstance(with_host, (bool, np.bool_)):
+        raise ModelError(f"region({name!r}, host={host!r}): choose True, False or 'auto' (on for windows from "
+                         f"{AUTO_HOST_MIN_WAVELENGTH:g} A redward).")
+    with_host = bool(with_host)
     if share_narrow is None:
         share_narrow = name == "halpha"
     comps, ties = spec.build(spec, int(n_broad), bool(feii), bool(share_narrow), bool(balmer), feii_template, win, bool(oiii_wing))
+    if with_host:
+        from .host import host_component
+
+        comps.insert(1, host_component(template=host_template, window=win))  # after the power law
     metadata = {"region": name, "continuum_ref_wavelength": spec.ref_wavelength, "n_broad": int(n_broad), "references": _REFERENCES,
                 "main_lines": list(spec.main_lines),
                 "coverage": {"line": [list(w) for w in spec.line_windows],
                              "continuum": [list(w) for w in _inside(spec.continuum_windows, win)]}}
-    if feii_template is None or isinstance(feii_template, (str, bytes)) or hasattr(feii_template, "__fspath__"):
+    def _named(t):
+        return t is None or isinstance(t, (str, bytes)) or hasattr(t, "__fspath__")
+
+    if _named(feii_template) and (_named(host_template) or not with_host):
         # How to rebuild this model (fit_dataset stores it as attrs["sheap_region"]); a
         # user-passed template array is not JSON-serializable, so such models carry none.
         kwargs = {"n_broad": int(n_broad), "feii": bool(feii), "window": [win[0], win[1]], "share_narrow": bool(share_narrow),
@@ -293,6 +330,9 @@ def region(
             kwargs["feii_template"] = str(feii_template if not isinstance(feii_template, bytes) else feii_template.decode())
         if oiii_wing:
             kwargs["oiii_wing"] = True
+        kwargs["host"] = with_host
+        if with_host and host_template is not None:
+            kwargs["host_template"] = str(host_template if not isinstance(host_template, bytes) else host_template.decode())
         if continuum != "windows":
             kwargs["continuum"] = continuum
         metadata["region_spec"] = {"name": name, "kwargs": kwargs}
@@ -312,11 +352,16 @@ def region(
     model.declared_identity = {
         "region": name,
         "arguments": {"n_broad": int(n_broad), "feii": bool(feii), "window": list(win), "share_narrow": bool(share_narrow),
-                      "balmer": bool(balmer), "oiii_wing": bool(oiii_wing), "continuum": continuum},
+                      "balmer": bool(balmer), "oiii_wing": bool(oiii_wing), "continuum": continuum, "host": with_host},
         "templates": [c.info["template_obj"] for c in comps if "template_obj" in c.info],
         "package_version": __version__,
     }
     return model
+
+
+def host_default(window: tuple[float, float]) -> bool:
+    """The ``host="auto"`` rule: on when the window starts at >= :data:`AUTO_HOST_MIN_WAVELENGTH`."""
+    return float(window[0]) >= AUTO_HOST_MIN_WAVELENGTH
 
 
 def _inside(windows, win):
@@ -325,7 +370,7 @@ def _inside(windows, win):
 
 
 def _continuum_stage(model, comps, spec: RegionSpec, win):
-    """The region's continuum (power law, FeII, Balmer continuum) alone, fitted first on the
+    """The region's continuum (power law, host, FeII, Balmer continuum) alone, fitted first on the
     line-free windows; its initial values are the region initializer's."""
     from ..model import ContinuumStage
     from . import compose
@@ -335,14 +380,29 @@ def _continuum_stage(model, comps, spec: RegionSpec, win):
     cont = compose(*parts, name=f"{model.name}_continuum", window=windows,
                    metadata={"continuum_ref_wavelength": spec.ref_wavelength, "coverage": {"continuum": [list(w) for w in windows]}},
                    description=f"continuum of the {spec.name} region on its line-free windows")
-    idx = np.array([model.param_names.index(n) for n in cont.param_names])
+    # the lines alone, fitted on the spectrum minus that continuum: the continuum (FeII's FFT,
+    # the host templates) is not evaluated again in every iteration of the line fit
+    line_parts = [c for c in comps if not c.continuum]
+    line_names = {n for c in line_parts for n in c.param_names}
+    line_ties = [p.tie_string for p in model.params if p.tie is not None and p.name in line_names]
+    meta = {k: model.metadata[k] for k in ("region", "coverage", "main_lines", "n_broad") if k in model.metadata}
+    lines = compose(*line_parts, ties=line_ties, name=f"{model.name}_lines", window=list(model.windows), metadata=meta,
+                    description=f"lines of the {spec.name} region on its continuum-subtracted window")
     full_initializer = model.initializer
+    for part in (cont, lines):
+        idx = np.array([model.param_names.index(n) for n in part.param_names])
+        part.initializer = _columns_of(full_initializer, idx)
+    return ContinuumStage(cont, windows, lines=lines)
 
-    def initializer(wavelength, flux, ivar):
-        return full_initializer(wavelength, flux, ivar)[:, idx]
 
-    cont.initializer = initializer
-    return ContinuumStage(cont, windows)
+def _columns_of(initializer, idx):
+    """An initializer giving the columns ``idx`` of the full region initializer's values (from
+    the full spectrum: its continuum estimate sets the lines' starting fluxes)."""
+
+    def columns(wavelength, flux, ivar):
+        return initializer(wavelength, flux, ivar)[:, idx]
+
+    return columns
 
 
 _REFERENCES = [
@@ -412,7 +472,8 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
 
     Steps, all vectorised over spectra:
 
-    1. power-law slope and level from a weighted log-log fit in the line-free windows;
+    1. power-law slope and level from a weighted log-log fit in the line-free windows (host
+       templates, when present, enter the linear solves below as one column each);
     2. the shift of the region's anchor narrow line (e.g. [OIII] 5007) from its peak above
        the continuum, used for every narrow line;
     3. 9 trials of broad x narrow widths; for each, weighted linear least squares for all
@@ -445,6 +506,7 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
     narrow = [c for c in lines if c.line_kind == "narrow" and tie_of[f"{c.name}_fwhm"] is None]
     feii_c = [c for c in comps.values() if c.kind == "feii"]
     balmer_c = [c for c in comps.values() if c.kind == "balmer_continuum"]
+    host_c = [c for c in comps.values() if c.kind == "host"]
     # trial width factors: broad x narrow (9 trials)
     trials = list(itertools.product((0.55, 1.0, 1.8), (0.6, 1.0, 1.6)))
 
@@ -510,6 +572,8 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             nshift = peak_shift(y - cont_level[:, None] * pl, comps[spec.anchor].rest_wavelength)
 
         profiles = {}  # the 9 width trials share most profiles: evaluate each once
+        # host templates at the starting dispersion, no shift: (K, n|1, p) per component
+        host_cols = {c.name: c.info["template_obj"].evaluate_numpy(safe_wl, params[f"{c.name}_sigma"].value) for c in host_c}
 
         def profile(c, shift, fwhm):
             # scalars by value, per-spectrum arrays by identity (tagged: a value never equals an id)
@@ -522,6 +586,10 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             """Design matrix (n|1, k, p) and column keys; fwhm/shift: component -> scalar or (n, 1)."""
             cols = [pl, pl * lnx]  # norm, and d/d index (linearised slope correction)
             keys = [("powerlaw", "norm"), ("powerlaw", "dindex")]
+            for c in host_c:
+                for k, col in enumerate(host_cols[c.name]):
+                    cols.append(col)
+                    keys.append((c.name, f"w{k + 1}"))
             for c in feii_c:
                 tmpl = c.info["template_obj"]
                 values = np.unique(feii_fwhm)
@@ -642,6 +710,11 @@ def make_initializer(model, spec: RegionSpec, window: tuple[float, float]) -> Ca
             out[:, pos_of[f"{c.name}_shift"]] = 0.0
         for c in balmer_c:
             out[:, pos_of[f"{c.name}_amplitude"]] = np.maximum(coef[(c.name, "amplitude")], 0.01 * norm)
+        for c in host_c:
+            # templates are 1 at 5100 A: a weight is that template's flux density there; start
+            # every one above 1% of the continuum level so none starts on its bound
+            for k in range(c.info["template_obj"].k):
+                out[:, pos_of[f"{c.name}_w{k + 1}"]] = np.maximum(coef[(c.name, f"w{k + 1}")], 0.01 * cont_level)
         for c in lines:
             if (c.name, "flux") in coef:
                 fw = best_fwhm.get(kin_source(c).name, np.full(n, params[f"{c.name}_fwhm"].value))

@@ -1,0 +1,87 @@
+"""Host-galaxy component: cost and accuracy on synthetic quasar + host spectra (issue 14).
+
+One run, one process, the chunk layer (``fit_chunk``, what every worker runs): the same
+synthetic H-beta spectra with host starlight (``synthetic_spectra(host=True)``: host fraction
+at 5100 A uniform 0-0.8, S/N 10-40 per pixel of the total continuum, no masked runs) are
+fitted with ``region("hbeta", host=False)`` and ``region("hbeta", host=True)``. Each is
+warmed up (compiled) on a first chunk, then timed on the rest, the two models taking turns
+chunk by chunk (a change of the machine's load hits both alike). Prints one JSON line:
+
+* ``spectra_per_s_host_off`` / ``_on`` and their ratio ``cost_ratio`` (target <= 1.5);
+* with the host: the fraction of spectra (S/N >= 10) whose host fraction at 5100 A is within
+  0.1 of the truth and whose broad H-beta FWHM is within 10% (target >= 0.9 each), and the
+  same FWHM figure without the host for comparison.
+
+Run: ``python benchmarks/bench_host.py [--n 400] [--chunk 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import sheap_dask as sd
+from sheap_dask.chunk import fit_chunk
+from sheap_dask.derived import host as dhost
+from sheap_dask.derived import lines as dlines
+
+
+def fwhm_of(model, params):
+    return np.asarray(dlines.fwhm(model, "hbeta_broad", params)[0])
+
+
+def run(models, ds, chunk: int):
+    """Fit every chunk with each model; the models take turns chunk by chunk, so a change of
+    the machine's load during the run hits both figures alike. Returns per model: params,
+    first-chunk (compile) seconds, warm spectra/s."""
+    wl, flux, ivar = ds.wavelength.values, ds.flux.values.astype(np.float64), ds.ivar.values.astype(np.float64)
+    n = flux.shape[0]
+    parts = {k: [] for k in models}
+    cold = {}
+    warm = {k: 0.0 for k in models}
+    for s in range(0, n, chunk):
+        for k, model in models.items():
+            t0 = time.perf_counter()
+            parts[k].append(fit_chunk(model, wl, flux[s : s + chunk], ivar[s : s + chunk], pad_to=chunk)["params"])
+            dt = time.perf_counter() - t0
+            if s == 0:
+                cold[k] = dt  # compile + warm-up
+            else:
+                warm[k] += dt
+    return {k: (np.concatenate(parts[k]), cold[k], (n - chunk) / warm[k]) for k in models}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--chunk", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=3)
+    args = ap.parse_args()
+    ds = sd.synthetic.synthetic_spectra(args.n, seed=args.seed, host=True, masked_fraction=0.0, n_all_nan=0)
+    truth = ds.true_params
+    ok = ds.snr.values >= 10
+    true_fwhm = fwhm_of(sd.models.region("hbeta", host=True), truth.values)
+    record = {"benchmark": "host", "n_spectra": args.n, "chunk": args.chunk}
+    models = {host: sd.models.region("hbeta", host=host) for host in (False, True)}
+    results = run(models, ds, args.chunk)
+    for host, model in models.items():
+        params, cold, rate = results[host]
+        tag = "on" if host else "off"
+        record[f"spectra_per_s_host_{tag}"] = round(rate, 2)
+        record[f"first_chunk_s_host_{tag}"] = round(cold, 1)
+        fw = fwhm_of(model, params)
+        record[f"fwhm_within_10pct_host_{tag}"] = round(float(np.mean(np.abs(fw[ok] / true_fwhm[ok] - 1) <= 0.1)), 3)
+        if host:
+            f51 = np.asarray(dhost.frac_host_5100(model, params)[0])
+            err = np.abs(f51 - ds.true_frac_host_5100.values)
+            record["frac_host_5100_within_0.1"] = round(float(np.mean(err[ok] <= 0.1)), 3)
+            record["frac_host_5100_median_abs_error"] = round(float(np.median(err[ok])), 3)
+    record["cost_ratio"] = round(record["spectra_per_s_host_off"] / record["spectra_per_s_host_on"], 2)
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
