@@ -413,6 +413,8 @@ class StoreLock:
         while not self._stop.wait(self.heartbeat):
             try:
                 current = self._read()
+                if current is not None and current.get("corrupt"):
+                    continue  # being rewritten this instant: judge it at the next beat
                 if current is None or current.get("token") != self.token:
                     self.lost = "the lock file was removed" if current is None else f"the lock was taken by {self.describe(current)}"
                     logger.warning("store %s: %s while this process was writing it", self.store, self.lost)

@@ -235,8 +235,10 @@ def _foreign_lock(path, *, pid, host, age):
     os.makedirs(path, exist_ok=True)
     record = {"pid": pid, "host": host, "purpose": "sheap-dask fit into this store", "token": "x", "started": time.time() - age,
               "heartbeat": time.time() - age}
-    with open(os.path.join(path, LOCK_NAME), "w") as fh:
+    tmp = os.path.join(path, "lock.tmp")
+    with open(tmp, "w") as fh:
         json.dump(record, fh)
+    os.replace(tmp, os.path.join(path, LOCK_NAME))  # as StoreLock writes it: never half-written
 
 
 def test_a_second_writer_is_refused_and_a_stale_lock_needs_force(ds, complete, tmp_path):
