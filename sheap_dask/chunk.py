@@ -313,9 +313,12 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
     init = None if init is None else np.asarray(init, dtype=np.float64)
     first = _fit_chunk(stage.model, wavelength, flux, ivar, redshift, None if init is None else init[:, cont_idx], options, pad_to,
                        penalty_function)
-    start = np.full((n_spec, len(names)), np.nan) if init is None else init.copy()
-    start[:, cont_idx] = first["params"]
-    second = _fit_chunk(model.line_stage(), wavelength, flux, ivar, redshift, start, options, pad_to, penalty_function)
+    if stage.lines is not None:
+        second = _fit_lines_on_continuum(model, stage, first, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    else:
+        start = np.full((n_spec, len(names)), np.nan) if init is None else init.copy()
+        start[:, cont_idx] = first["params"]
+        second = _fit_chunk(model.line_stage(), wavelength, flux, ivar, redshift, start, options, pad_to, penalty_function)
     # a continuum that did not converge (or could not be fitted) is the spectrum's status
     out = second
     failed = ~np.isin(first["status"], [s.value for s in Status if s.ok])
@@ -328,6 +331,52 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
     no_data = out["status"] == Status.NO_DATA
     for name in ("params", "params_err", "params_cov", "loss", "chi2", "redchi2"):
         out[name][no_data] = np.nan
+    return out
+
+
+def _fit_lines_on_continuum(model, stage, first, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function):
+    """The second stage with a lines model: fit it to the spectra minus the continuum found,
+    and report the result on the full model's parameters (the continuum's from ``first``)."""
+    names = model.param_names
+    line_idx = np.array([names.index(n) for n in stage.lines.param_names])
+    cont_idx = np.array([names.index(n) for n in stage.model.param_names])
+    flux = np.asarray(flux, dtype=np.float64)
+    n_spec = flux.shape[0]
+    z = np.zeros(n_spec) if redshift is None else np.nan_to_num(np.asarray(redshift, dtype=np.float64).reshape(n_spec), nan=0.0)
+    wl = np.asarray(wavelength, dtype=np.float64)
+    rest = (wl if wl.ndim == 2 else wl[None, :]) / (1.0 + z[:, None])
+    ok = np.all(np.isfinite(first["params"]), axis=1)
+    continuum = np.zeros_like(flux)
+    if ok.any():  # the rest-frame continuum, back in the observed frame
+        cont_params = np.where(ok[:, None], first["params"], np.asarray(stage.model.params.values)[None])
+        compiled = get_compiled(stage.model, options, penalty_function)
+        evaluated = compiled.evaluate_rows(rest if wl.ndim == 2 else rest[0] if np.all(z == z[0]) else rest, cont_params,
+                                           group_size(max(int(pad_to or n_spec), n_spec)))
+        continuum = np.where(ok[:, None], evaluated / (1.0 + z[:, None]), 0.0)
+    lines_init = None if init is None else np.asarray(init, dtype=np.float64)[:, line_idx]
+    if lines_init is None:  # starting values from the full model's initializer, on the full spectra
+        with np.errstate(all="ignore"):
+            usable = np.isfinite(flux) & (np.asarray(ivar) > 0)
+            guess = model.initial_values(rest if wl.ndim == 2 or not np.all(z == z[0]) else rest[0],
+                                         np.where(usable, flux * (1.0 + z[:, None]), np.nan),
+                                         np.where(usable, np.asarray(ivar) / (1.0 + z[:, None]) ** 2, 0.0), clip=False)
+        lines_init = guess[:, line_idx]
+    second = _fit_chunk(stage.lines, wavelength, flux - continuum, ivar, redshift, lines_init, options, pad_to, penalty_function)
+    # on the full model's parameters: lines from the second stage, continuum from the first
+    out = dict(second)
+    params = np.full((n_spec, len(names)), np.nan)
+    params[:, line_idx] = second["params"]
+    params[:, cont_idx] = first["params"]
+    out["params"] = params
+    for name in ("params_err", "at_bound"):
+        full = np.zeros((n_spec, len(names)), dtype=second[name].dtype) if name == "at_bound" else np.full((n_spec, len(names)), np.nan)
+        full[:, line_idx] = second[name]
+        out[name] = full
+    cov = np.full((n_spec, len(names), len(names)), np.nan)
+    cov[:, line_idx[:, None], line_idx[None, :]] = second["params_cov"]
+    cov[:, line_idx[:, None], cont_idx[None, :]] = 0.0  # the stages' parameters are taken as independent
+    cov[:, cont_idx[:, None], line_idx[None, :]] = 0.0
+    out["params_cov"] = cov
     return out
 
 

@@ -79,6 +79,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.scipy.linalg import cho_factor, cho_solve
 
@@ -597,30 +598,32 @@ def lm_covariance(jtj, *, rcond: float | None = None) -> jax.Array:
     Returns
     -------
     array (..., n, n)
-        Covariance matrix; all NaN where ``jtj`` is not finite.
+        Covariance matrix; all NaN where ``jtj`` is not finite. A numpy input is computed
+        with numpy (the chunk layer's float64 post-processing), anything else with JAX.
     """
-    jtj = jnp.asarray(jtj)
+    xp = np if isinstance(jtj, np.ndarray) else jnp  # numpy in, numpy out: no JAX dispatch on the host side
+    jtj = xp.asarray(jtj)
     if jtj.ndim < 2 or jtj.shape[-1] != jtj.shape[-2]:
         raise ValueError(f"lm_covariance(jtj=...): expected square (..., n, n) matrices, got shape {jtj.shape}; pass LMResult.jtj.")
-    if not jnp.issubdtype(jtj.dtype, jnp.floating):
-        jtj = jtj.astype(jnp.result_type(float))
+    if not xp.issubdtype(jtj.dtype, xp.floating):
+        jtj = jtj.astype(np.float64 if xp is np else jnp.result_type(float))
     n = jtj.shape[-1]
-    eps = float(jnp.finfo(jtj.dtype).eps)
+    eps = float(xp.finfo(jtj.dtype).eps)
     cut = 10.0 * n * eps if rcond is None else float(rcond)
 
-    ok = jnp.all(jnp.isfinite(jtj), axis=(-2, -1))
-    a = jnp.where(ok[..., None, None], jtj, jnp.eye(n, dtype=jtj.dtype))
-    a = 0.5 * (a + jnp.swapaxes(a, -1, -2))
-    diag = jnp.diagonal(a, axis1=-2, axis2=-1)
+    ok = xp.all(xp.isfinite(jtj), axis=(-2, -1))
+    a = xp.where(ok[..., None, None], jtj, xp.eye(n, dtype=jtj.dtype))
+    a = 0.5 * (a + xp.swapaxes(a, -1, -2))
+    diag = xp.diagonal(a, axis1=-2, axis2=-1)
     pos = diag > 0
-    sc = jnp.where(pos, 1.0 / jnp.sqrt(jnp.where(pos, diag, 1.0)), 0.0)
+    sc = xp.where(pos, 1.0 / xp.sqrt(xp.where(pos, diag, 1.0)), 0.0)
     c = a * sc[..., :, None] * sc[..., None, :]
-    w, v = jnp.linalg.eigh(c)
-    wmax = jnp.max(w, axis=-1, keepdims=True)
+    w, v = xp.linalg.eigh(c)
+    wmax = xp.max(w, axis=-1, keepdims=True)
     good = w > cut * wmax
-    inv_w = jnp.where(good, 1.0 / jnp.where(good, w, 1.0), 0.0)
-    cinv = (v * inv_w[..., None, :]) @ jnp.swapaxes(v, -1, -2)
+    inv_w = xp.where(good, 1.0 / xp.where(good, w, 1.0), 0.0)
+    cinv = (v * inv_w[..., None, :]) @ xp.swapaxes(v, -1, -2)
     cov = cinv * sc[..., :, None] * sc[..., None, :]
-    null_weight = jnp.sum(jnp.where(good[..., None, :], 0.0, v * v), axis=-1)
+    null_weight = xp.sum(xp.where(good[..., None, :], 0.0, v * v), axis=-1)
     bad = (null_weight > 1e-3) | ~pos | ~ok[..., None]
-    return jnp.where(bad[..., :, None] | bad[..., None, :], jnp.nan, cov)
+    return xp.where(bad[..., :, None] | bad[..., None, :], xp.nan, cov)

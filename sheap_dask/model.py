@@ -14,7 +14,6 @@ use it.
 
 from __future__ import annotations
 
-import json
 import threading
 import warnings
 import weakref
@@ -358,22 +357,40 @@ class ContinuumStage:
     windows : sequence of (float, float)
         Rest-frame line-free ranges (Angstrom) the continuum is fitted on.
 
+    lines : Model, optional
+        The lines alone (the full model's other parameters, same names). Then the second
+        stage fits ``lines`` to the spectrum minus the continuum found, and the continuum is
+        not evaluated again in every iteration; without it, the full model is fitted with the
+        continuum's parameters fixed (``Model.line_stage``).
+
     The chunk layer fits ``model`` on ``windows`` (batched, with restarts, absorber
-    rejection and the fallback like any fit), then the full model on its window with the
-    continuum's parameters fixed at the values found (``Model.line_stage``). The result
+    rejection and the fallback like any fit), then the lines on the window with the continuum
+    held at the values found. The result
     holds both: the continuum's parameters and errors from the first stage, the lines' from
     the second (Shen et al. 2011, ApJS 194, 45; Wu & Shen 2022, ApJS 263, 42).
     """
 
-    def __init__(self, model: Model, windows: Sequence[tuple[float, float]]):
-        if not isinstance(model, Model):
-            raise ModelError(f"ContinuumStage(model=...) must be a sheap_dask.Model, got {type(model).__name__}.")
+    def __init__(self, model: Model, windows: Sequence[tuple[float, float]], *, lines: Model | None = None):
+        for arg, value in (("model", model), ("lines", lines)):
+            if value is not None and not isinstance(value, Model):
+                raise ModelError(f"ContinuumStage({arg}=...) must be a sheap_dask.Model, got {type(value).__name__}.")
         self.model = model
+        self.lines = lines
         self.windows = _windows(list(windows), "ContinuumStage(windows=...)")
         if not self.windows:
             raise ModelError("ContinuumStage(windows=...) needs at least one (low, high) range.")
+        if lines is not None:
+            shared = set(lines.param_names) & set(model.param_names)
+            if shared:
+                raise ModelError(f"ContinuumStage: the lines model shares parameters {sorted(shared)} with the continuum model.")
 
     def check(self, params) -> None:
+        expected = self.model.param_names + (self.lines.param_names if self.lines is not None else [])
+        if self.lines is not None and sorted(expected) != sorted(params.names):
+            raise ModelError(
+                f"ContinuumStage: continuum {self.model.param_names} and lines {self.lines.param_names} parameters must "
+                f"together be the model's {list(params.names)}."
+            )
         missing = [n for n in self.model.param_names if n not in params.names]
         if missing:
             raise ModelError(f"continuum stage parameters {missing} are not parameters of the model ({list(params.names)}).")
@@ -382,10 +399,12 @@ class ContinuumStage:
             raise ModelError(f"continuum stage parameters {tied} are tied in the model; the stage fixes them, so they must be free.")
 
     def spec(self) -> dict:
-        return {"model": self.model.identity(), "windows": [list(w) for w in self.windows]}
+        return {"model": self.model.identity(), "windows": [list(w) for w in self.windows],
+                "lines": None if self.lines is None else self.lines.identity()}
 
     def describe(self) -> dict:
-        return {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows]}
+        return {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows],
+                "lines": None if self.lines is None else self.lines.name}
 
     def __repr__(self) -> str:
         return f"ContinuumStage({self.model.name!r}, windows={list(self.windows)})"

@@ -50,8 +50,6 @@ def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np
     do not constrain it: it is NaN too. Also returns the covariance E C E^T of all
     parameters (NaN rows and columns for the undefined ones).
     """
-    import jax
-
     from .lm import lm_covariance
 
     n_spec = jtwj.shape[0]
@@ -64,8 +62,7 @@ def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np
         err[ok] = 0.0
         cov_all[ok] = 0.0
         return err, undefined, cov_all
-    with jax.enable_x64(True):
-        cov = np.asarray(lm_covariance(np.asarray(jtwj[ok], dtype=np.float64)), dtype=np.float64)
+    cov = lm_covariance(np.asarray(jtwj[ok], dtype=np.float64))
     bad_free = np.isnan(np.einsum("nii->ni", cov))
     E = compiled.embed_matrix
     with np.errstate(all="ignore"):
@@ -103,7 +100,9 @@ def line_fluxes(out, model, options) -> None:
         weights[k, [names.index(p) for p in params]] = 1.0
     with np.errstate(invalid="ignore"):
         out["line_flux"] = out["params"] @ weights.T
-        var = np.einsum("kp,npq,kq->nk", weights, out["params_cov"], weights)
+        # only the line's own parameters: a NaN row elsewhere (an undefined width) must not
+        # leak into the flux through a zero weight
+        var = np.stack([out["params_cov"][:, w > 0][:, :, w > 0].sum(axis=(1, 2)) for w in weights], axis=1)
         out["line_flux_err"] = np.sqrt(np.where(var >= 0, var, np.nan))
         significance = out["line_flux"] / out["line_flux_err"]
     out["line_detected"] = np.nan_to_num(significance, nan=0.0) >= options.detection_sigma

@@ -7,7 +7,6 @@ each compares and minimises the objective of the batched solve (``loss``).
 from __future__ import annotations
 
 import logging
-import warnings
 
 import numpy as np
 
@@ -74,7 +73,7 @@ def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
     """Mask narrow troughs far below the model and re-solve the spectra that have them.
 
     Rule (documented in the README): with residuals r = (data - model)/sigma measured from
-    their running median (so broad model mismatch does not count), a trough is a run of
+    their running clipped mean (so broad model mismatch does not count), a trough is a run of
     adjacent pixels below -``absorber_sigma`` / 1.5 whose deepest pixel is below
     -``absorber_sigma``, two to ``absorber_max_width`` pixels long (one pixel below -2 x
     ``absorber_sigma`` also counts); it is grown by ``absorber_grow`` pixels on each side
@@ -87,8 +86,9 @@ def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
         rows = np.flatnonzero(chunk.good & (out["status"] == Status.CONVERGED))  # an unconverged fit's residuals say little
         if rows.size == 0:
             return
-        resid = _residuals(compiled, chunk, out["params"], rows)
+        resid, sharp = _residuals(compiled, chunk, out["params"], rows, int(options.absorber_max_width))
         mask = trough_mask(resid, options.absorber_sigma, int(options.absorber_grow), int(options.absorber_max_width))
+        mask &= ~sharp  # a misfit narrow emission peak is not an absorber
         n_new = mask.sum(axis=1)
         usable = np.isfinite(chunk.errors[rows])
         n_total = out["n_masked"][rows] + n_new
@@ -111,28 +111,44 @@ def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
         update_redchi2(out, hit)
 
 
-def _residuals(compiled, chunk: ChunkArrays, params: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(data - model)/sigma of ``rows`` (NaN where masked)."""
+def _residuals(compiled, chunk: ChunkArrays, params: np.ndarray, rows: np.ndarray, max_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(data - model)/sigma of ``rows`` (NaN where masked), and where the model itself has a
+    narrow peak (more than 3 sigma above its own running mean over +-``2 max_width`` pixels,
+    grown by ``max_width``): the neighbourhood of narrow emission lines, never masked."""
     wl = chunk.wl[rows] if chunk.wl.ndim == 2 else chunk.wl
     model = compiled.evaluate_rows(wl, params[rows], group_size(chunk.batch))
+    errors = chunk.errors[rows]
     with np.errstate(all="ignore"):
-        return np.where(np.isfinite(chunk.errors[rows]), (chunk.flux[rows] - model) / chunk.errors[rows], np.nan)
+        resid = np.where(np.isfinite(errors), (chunk.flux[rows] - model) / errors, np.nan)
+        peak = np.where(np.isfinite(errors), (model - _running_mean(model, 2 * max_width)) / errors, 0.0) > 3.0
+    sharp = peak.copy()
+    for shift in range(1, max_width + 1):
+        sharp[:, shift:] |= peak[:, :-shift]
+        sharp[:, :-shift] |= peak[:, shift:]
+    return resid, sharp
+
+
+def _running_mean(values: np.ndarray, half: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted mean over +-``half`` pixels (``values`` already multiplied by 0/1 ``weights``);
+    cumulative sums: linear in the number of pixels, edges shortened; 0 where no weight."""
+    weights = np.ones_like(values) if weights is None else weights
+    pad = ((0, 0), (1, 0))
+    total, count = np.cumsum(np.pad(values, pad), axis=1), np.cumsum(np.pad(weights, pad), axis=1)
+    idx = np.arange(values.shape[1])
+    lo, hi = np.clip(idx - half, 0, None), np.clip(idx + half + 1, None, values.shape[1])
+    n = count[:, hi] - count[:, lo]
+    return np.where(n > 0, (total[:, hi] - total[:, lo]) / np.maximum(n, 1e-300), 0.0)
 
 
 def trough_mask(resid: np.ndarray, sigma: float, grow: int, max_width: int) -> np.ndarray:
     """Pixels of narrow troughs (see :func:`reject_absorbers`), vectorised over spectra.
 
-    Residuals are measured against their running median over ``4 * max_width + 1`` pixels,
+    Residuals are measured against their running (clipped) mean over ``4 * max_width + 1`` pixels,
     so a broad stretch where the model is off (continuum or FeII mismatch, common at high
     S/N) is not mistaken for absorption: only dips narrower than ``max_width`` pixels are.
     """
     n_spec, n_pix = resid.shape
-    half = 2 * max_width
-    padded = np.pad(resid, ((0, 0), (half, half)), constant_values=np.nan)
-    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1, axis=1)
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows (masked stretches)
-        baseline = np.nan_to_num(np.nanmedian(windows, axis=2), nan=0.0)
+    baseline = _running_level(resid, 2 * max_width)
     dip = np.nan_to_num(resid - baseline, nan=0.0)
     low = dip < -sigma / 1.5
     # label runs of `low` per spectrum: a run id increments at each False -> True edge
@@ -151,6 +167,13 @@ def trough_mask(resid: np.ndarray, sigma: float, grow: int, max_width: int) -> n
     for _ in range(grow):
         mask = mask | np.roll(mask, 1, axis=1) & ~_edge(n_pix, 0) | np.roll(mask, -1, axis=1) & ~_edge(n_pix, -1)
     return mask & np.isfinite(resid)
+
+
+def _running_level(resid: np.ndarray, half: int) -> np.ndarray:
+    """The local level of the residuals: their mean over +-``half`` pixels after clipping at
+    +-2 (so the troughs themselves barely move it); NaN pixels left out."""
+    finite = np.isfinite(resid)
+    return _running_mean(np.where(finite, np.clip(resid, -2.0, 2.0), 0.0), half, finite.astype(float))
 
 
 def _edge(n_pix: int, where: int) -> np.ndarray:

@@ -34,8 +34,10 @@ def assert_same_fit(model, ref: dict, out: dict, factor: float, rtol: float = 1e
     np.testing.assert_array_equal(out["status"], ref["status"])
     np.testing.assert_array_equal(out["quality"], ref["quality"])
     ok = np.isfinite(ref["params"])
-    if sigma_tol:  # different data: parameters the data do not constrain (NaN error) may move freely
-        ok &= np.isfinite(ref["params_err"])
+    if sigma_tol:  # different data: compare the well-measured parameters (error < half the value);
+        # poorly constrained ones (NaN or large errors, a host weight near 0) may move along
+        # their flat directions
+        ok &= np.isfinite(ref["params_err"]) & (ref["params_err"] < 0.5 * np.abs(ref["params"]))
     got = out["params"][ok] / np.broadcast_to(unit, ref["params"].shape)[ok]
     want = ref["params"][ok]
     allowed = rtol * np.abs(want) + sigma_tol * np.nan_to_num(ref["params_err"][ok])

@@ -380,14 +380,29 @@ def _continuum_stage(model, comps, spec: RegionSpec, win):
     cont = compose(*parts, name=f"{model.name}_continuum", window=windows,
                    metadata={"continuum_ref_wavelength": spec.ref_wavelength, "coverage": {"continuum": [list(w) for w in windows]}},
                    description=f"continuum of the {spec.name} region on its line-free windows")
-    idx = np.array([model.param_names.index(n) for n in cont.param_names])
+    # the lines alone, fitted on the spectrum minus that continuum: the continuum (FeII's FFT,
+    # the host templates) is not evaluated again in every iteration of the line fit
+    line_parts = [c for c in comps if not c.continuum]
+    line_names = {n for c in line_parts for n in c.param_names}
+    line_ties = [p.tie_string for p in model.params if p.tie is not None and p.name in line_names]
+    meta = {k: model.metadata[k] for k in ("region", "coverage", "main_lines", "n_broad") if k in model.metadata}
+    lines = compose(*line_parts, ties=line_ties, name=f"{model.name}_lines", window=list(model.windows), metadata=meta,
+                    description=f"lines of the {spec.name} region on its continuum-subtracted window")
     full_initializer = model.initializer
+    for part in (cont, lines):
+        idx = np.array([model.param_names.index(n) for n in part.param_names])
+        part.initializer = _columns_of(full_initializer, idx)
+    return ContinuumStage(cont, windows, lines=lines)
 
-    def initializer(wavelength, flux, ivar):
-        return full_initializer(wavelength, flux, ivar)[:, idx]
 
-    cont.initializer = initializer
-    return ContinuumStage(cont, windows)
+def _columns_of(initializer, idx):
+    """An initializer giving the columns ``idx`` of the full region initializer's values (from
+    the full spectrum: its continuum estimate sets the lines' starting fluxes)."""
+
+    def columns(wavelength, flux, ivar):
+        return initializer(wavelength, flux, ivar)[:, idx]
+
+    return columns
 
 
 _REFERENCES = [
