@@ -159,6 +159,7 @@ def fit_chunk(
         out["params_mc"] = _resample(model, out, wavelength, flux, ivar, redshift, options, pad_to, penalty_function)
     compiled = compile_stats()["traces"] != traces_before
     _STATS["chunks"] += 1
+    _STATS["spectra"] += int(np.shape(flux)[0])
     if compiled:
         _STATS["compiling_chunks"] += 1
     _STATS["compiling_seconds" if compiled else "warm_seconds"] += time.perf_counter() - t0

@@ -28,7 +28,9 @@ logger = logging.getLogger("sheap_dask.chunk")
 
 __all__ = ["CompiledModel", "get_compiled", "compile_stats"]
 
-_STATS = {"solver_builds": 0, "traces": 0, "chunks": 0, "compiling_chunks": 0, "compiling_seconds": 0.0, "warm_seconds": 0.0}
+_STATS = {"solver_builds": 0, "traces": 0, "chunks": 0, "compiling_chunks": 0, "compiling_seconds": 0.0, "warm_seconds": 0.0,
+          "spectra": 0, "restarted": 0, "restart_seconds": 0.0, "absorber_refits": 0, "absorber_seconds": 0.0,
+          "fallback": 0, "fallback_seconds": 0.0}
 
 
 def _traces(compiled: CompiledModel) -> int:
@@ -48,7 +50,10 @@ def compile_stats() -> dict:
     ``traces`` counts JAX traces of the batched solves and the post-processing (it stays
     constant once every shape of a fit has been compiled); ``compiling_chunks`` counts the
     chunks during which something was compiled and ``compiling_seconds`` their wall time,
-    ``warm_seconds`` the wall time of the other chunks.
+    ``warm_seconds`` the wall time of the other chunks. ``spectra`` counts the spectra
+    fitted; ``restarted``, ``absorber_refits`` and ``fallback`` those that left the batched
+    solve for a restart, an absorber re-solve or the SLSQP fallback, with the seconds spent
+    there.
     """
     stats = dict(_STATS)
     stats["traces"] += sum(_traces(c) for c in _CACHE.values())

@@ -104,7 +104,8 @@ def fit_dataset(
     fallback : {"slsqp", "none"}
         Re-fit failed spectra with NLopt's SLSQP on the worker.
     fallback_options : mapping
-        ``tol``, ``maxiter``, ``redchi2_sigma``, ``pinned_fraction`` (see ``sheap_dask.yaml``).
+        ``tol``, ``maxiter``, ``redchi2_sigma``, ``outliers`` (also re-fit converged chi-square
+        outliers; default False), ``pinned_fraction`` (see ``sheap_dask.yaml``).
     init : DataArray or mapping, optional
         Initial values: a (``dim``, param) DataArray, or a mapping name -> scalar or
         (``dim``,) DataArray, like ``curvefit``'s ``p0``. Unspecified values come from the
@@ -189,10 +190,10 @@ def fit_dataset(
     _check_model(model)
     config.warn_unknown_keys()
     fallback_options = dict(fallback_options or {})
-    unknown = set(fallback_options) - {"tol", "maxiter", "redchi2_sigma", "pinned_fraction"}
+    unknown = set(fallback_options) - {"tol", "maxiter", "redchi2_sigma", "outliers", "pinned_fraction"}
     if unknown:
         raise OptionError(
-            f"fallback_options has unknown keys {sorted(unknown)}; allowed: tol, maxiter, redchi2_sigma, pinned_fraction."
+            f"fallback_options has unknown keys {sorted(unknown)}; allowed: tol, maxiter, redchi2_sigma, outliers, pinned_fraction."
         )
     options = ChunkOptions(
         method=method,
@@ -210,6 +211,7 @@ def fit_dataset(
         fallback_tol=fallback_options.get("tol"),
         fallback_maxiter=fallback_options.get("maxiter"),
         fallback_redchi2_sigma=fallback_options.get("redchi2_sigma"),
+        fallback_outliers=fallback_options.get("outliers"),
         pinned_fraction=fallback_options.get("pinned_fraction"),
         return_history=return_history,
         n_mc=n_mc,

@@ -51,6 +51,7 @@ class ChunkOptions:
     fallback_tol: float | None = None
     fallback_maxiter: int | None = None
     fallback_redchi2_sigma: float | None = None
+    fallback_outliers: bool | None = None
     pinned_fraction: float | None = None
     error_scale: str | None = None
     min_extra_pixels: int | None = None
@@ -89,6 +90,7 @@ class ChunkOptions:
         "fallback_tol": "fallback.tol",
         "fallback_maxiter": "fallback.maxiter",
         "fallback_redchi2_sigma": "fallback.redchi2_sigma",
+        "fallback_outliers": "fallback.outliers",
         "pinned_fraction": "fallback.pinned_fraction",
         "error_scale": "errors.scale",
         "min_extra_pixels": "screen.min_extra_pixels",
@@ -144,7 +146,7 @@ class ChunkOptions:
                 raise OptionError(f"{self._label(name, getattr(self, name))} is not one of {', '.join(map(repr, choices))}; pick one of those{self._where(name)}.")
         for name, low, strict, high, kind in _RANGES:
             self._check_range(name, low, strict, high, kind)
-        for name in ("weighted", "return_history", "restarts"):
+        for name in ("weighted", "return_history", "restarts", "fallback_outliers"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise OptionError(f"{self._label(name, getattr(self, name))} must be True or False{self._where(name)}.")
         if self.lbfgs_options:
@@ -197,7 +199,7 @@ class ChunkOptions:
             raise OptionError(f"{self._label(name, value)} must be {'an integer' if kind is int else 'a finite number'} {bound}{self._where(name)}.")
 
     # Fields that do not change any compiled program (they steer the numpy side of a chunk).
-    _RUNTIME_ONLY = ("fallback", "fallback_tol", "fallback_maxiter", "fallback_redchi2_sigma", "pinned_fraction", "error_scale",
+    _RUNTIME_ONLY = ("fallback", "fallback_tol", "fallback_maxiter", "fallback_redchi2_sigma", "fallback_outliers", "pinned_fraction", "error_scale",
                      "min_extra_pixels", "return_history", "restarts", "redchi2_sigma", "pinned_tolerance", "absorber_iterations",
                      "absorber_sigma", "absorber_grow", "absorber_max_width", "absorber_max_fraction", "coverage_min", "coverage_flag",
                      "coverage_line", "coverage_continuum", "detection_sigma", "n_mc")
@@ -253,6 +255,7 @@ _ARGUMENTS = {
     "fallback_tol": "fallback_options['tol']",
     "fallback_maxiter": "fallback_options['maxiter']",
     "fallback_redchi2_sigma": "fallback_options['redchi2_sigma']",
+    "fallback_outliers": "fallback_options['outliers']",
     "pinned_fraction": "fallback_options['pinned_fraction']",
     "slots": "lm_slots",
     "restarts": "lm_restarts",

@@ -6,7 +6,9 @@ each compares and minimises the objective of the batched solve (``loss``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from .batch import (
 from .batch import (
     pinned as pinned_params,
 )
+from .compiled import _STATS
 from .quality import Quality
 from .status import Status
 
@@ -29,7 +32,25 @@ logger = logging.getLogger("sheap_dask.chunk")
 __all__ = ["restart_suspects", "reject_absorbers", "trough_mask", "fallback_candidates", "run_fallback"]
 
 
-def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
+def _timed(count_key: str, seconds_key: str):
+    """Count the spectra a step takes (its return value) and the seconds it spends."""
+
+    def wrap(step):
+        @functools.wraps(step)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            n = step(*args, **kwargs) or 0
+            _STATS[count_key] += int(n)
+            _STATS[seconds_key] += time.perf_counter() - t0
+            return n
+
+        return timed
+
+    return wrap
+
+
+@_timed("restarted", "restart_seconds")
+def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     """Batched restarts for fits stuck in a local minimum; keeps the lowest objective.
 
     A parameter driven onto a bound (a line flux at 0, a shift at its limit) has a vanishing
@@ -43,13 +64,13 @@ def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
     good = chunk.good
     median = converged_median(out, good)
     if median is None:
-        return
+        return 0
     ok = good & (out["status"] == Status.CONVERGED) & np.isfinite(out["redchi2"])
     outlier = redchi2_outlier(out["redchi2"], out["dof"], median, options.redchi2_sigma)
     pinned = pinned_params(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance)
     suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (out["redchi2"] > median))))
     if suspects.size == 0:
-        return
+        return 0
     pinned = pinned[suspects]
     whole = pinned.copy()
     for group in compiled.component_groups:
@@ -67,9 +88,11 @@ def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
         out["n_iter"][suspects[valid]] += res["n_iter"][valid]
         jtwj[i] = res["jtwj"][win]
     update_redchi2(out, suspects)
+    return suspects.size
 
 
-def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
+@_timed("absorber_refits", "absorber_seconds")
+def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     """Mask narrow troughs far below the model and re-solve the spectra that have them.
 
     Rule (documented in the README): with residuals r = (data - model)/sigma measured from
@@ -82,10 +105,11 @@ def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
     spectra are re-solved from their current parameters in one batched call, up to
     ``absorber_iterations`` times.
     """
+    refits = 0
     for _ in range(int(options.absorber_iterations)):
         rows = np.flatnonzero(chunk.good & (out["status"] == Status.CONVERGED))  # an unconverged fit's residuals say little
         if rows.size == 0:
-            return
+            break
         resid, sharp = _residuals(compiled, chunk, out["params"], rows, int(options.absorber_max_width))
         mask = trough_mask(resid, options.absorber_sigma, int(options.absorber_grow), int(options.absorber_max_width))
         mask &= ~sharp  # a misfit narrow emission peak is not an absorber
@@ -94,8 +118,9 @@ def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
         n_total = out["n_masked"][rows] + n_new
         accept = (n_new > 0) & (n_total <= options.absorber_max_fraction * usable.sum(axis=1))
         if not accept.any():
-            return
+            break
         hit = rows[accept]
+        refits += hit.size
         chunk.errors[hit] = np.where(mask[accept], np.inf, chunk.errors[hit])
         chunk.flux[hit] = np.where(mask[accept], 0.0, chunk.flux[hit])
         out["n_masked"][hit] = n_total[accept]
@@ -109,6 +134,7 @@ def reject_absorbers(out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
         out["n_iter"][i] += res["n_iter"][done]
         jtwj[i] = res["jtwj"][done]
         update_redchi2(out, hit)
+    return refits
 
 
 def _residuals(compiled, chunk: ChunkArrays, params: np.ndarray, rows: np.ndarray, max_width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +213,7 @@ def fallback_candidates(out, good, compiled, chunk: ChunkArrays, options) -> np.
     status = out["status"]
     bad = good & (status != Status.CONVERGED)
     median = converged_median(out, good)
-    if median is not None:
+    if median is not None and options.fallback_outliers:
         converged = good & (status == Status.CONVERGED) & np.isfinite(out["redchi2"])
         bad |= converged & redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
     if options.pinned_fraction > 0:
@@ -195,7 +221,8 @@ def fallback_candidates(out, good, compiled, chunk: ChunkArrays, options) -> np.
     return np.flatnonzero(bad)
 
 
-def run_fallback(retry, out, jtwj, compiled, chunk: ChunkArrays, options) -> None:
+@_timed("fallback", "fallback_seconds")
+def run_fallback(retry, out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     """Re-fit ``retry`` spectra one by one with SLSQP on the batched solve's objective; keep
     whichever fit has the lower objective."""
     import jax
@@ -242,3 +269,4 @@ def run_fallback(retry, out, jtwj, compiled, chunk: ChunkArrays, options) -> Non
             update_redchi2(out, np.array([i]))
         elif out["status"][i] == Status.NONFINITE:
             out["status"][i] = Status.FAILED
+    return retry.size

@@ -138,6 +138,33 @@ def _draw_truth(model, region: str, n: int, rng: np.random.Generator) -> np.ndar
     return np.clip(out, lo, hi)
 
 
+def _mismatched(model):
+    """A model that differs from ``model`` the way real spectra do, with the same parameters:
+    broad lines as Lorentzians (extended wings) instead of Gaussians, and an FeII template
+    whose multiplet ratios differ (the default template modulated by +-40% over ~300 A)."""
+    from . import models
+    from .models import feii as feii_module
+
+    parts = []
+    for comp in model.component_objects.values():
+        if comp.line_kind == "broad" and comp.kind == "gaussian":
+            values = {p.name: (p.value, p.min, p.max) for p in comp.params}
+            parts.append(models.line(comp.name, comp.rest_wavelength, profile="lorentzian", flux=values["flux"],
+                                     shift=values["shift"], fwhm=values["fwhm"], line_name=comp.line, line_kind="broad"))
+        elif comp.kind == "feii":
+            tmpl = comp.info["template_obj"]
+            modulated = tmpl.flux * (1.0 + 0.4 * np.sin(2.0 * np.pi * tmpl.wavelength / 300.0))
+            other = feii_module.FeIITemplate.from_arrays(tmpl.wavelength, modulated, name="mismatched", norm_band=tmpl.norm_band)
+            values = {p.name: (p.value, p.min, p.max) for p in comp.params}
+            parts.append(models.feii_component(comp.name, template=other, amplitude=values["amplitude"], fwhm=values["fwhm"],
+                                               shift=values["shift"]))
+        else:
+            parts.append(comp)
+    ties = [p.tie_string for p in model.params if p.tie is not None]
+    return models.compose(*parts, ties=ties, name=f"{model.name}_mismatched", window=list(model.windows) or None,
+                          metadata={k: v for k, v in model.metadata.items() if k in ("region", "continuum_ref_wavelength", "host")})
+
+
 def synthetic_spectra_numpy(
     n_spectra: int = 400,
     *,
@@ -152,6 +179,7 @@ def synthetic_spectra_numpy(
     model=None,
     host: bool = False,
     host_fraction: tuple[float, float] = (0.0, 0.8),
+    mismatch: bool = False,
 ) -> dict:
     """Synthetic spectra as plain numpy arrays.
 
@@ -215,8 +243,9 @@ def synthetic_spectra_numpy(
     import jax
     import jax.numpy as jnp
 
+    truth_model = _mismatched(model) if mismatch else model
     # one compiled evaluation for all spectra (eager vmap would dispatch op by op)
-    evaluate = jax.jit(jax.vmap(model.func, in_axes=(0 if np.ndim(rest) == 2 else None, 0)))
+    evaluate = jax.jit(jax.vmap(truth_model.func, in_axes=(0 if np.ndim(rest) == 2 else None, 0)))
     clean = np.asarray(evaluate(jnp.asarray(rest), jnp.asarray(truth)), dtype=np.float64)  # rest-frame flux density
     if z is not None:
         clean = clean / (1.0 + z[:, None])  # observed-frame flux density
@@ -265,6 +294,14 @@ def synthetic_spectra_numpy(
     truth[all_nan] = np.nan
     for v in frac.values():
         v[all_nan] = np.nan
+    if mismatch:  # the generated broad line is not the fitted model's: its true FWHM, measured
+        from .derived.lines import fwhm
+
+        broad = f"{model.metadata.get('region') or region}_broad"
+        ok = ~all_nan
+        true_fwhm = np.full(n, np.nan)
+        true_fwhm[ok] = fwhm(truth_model, broad, truth[ok])[0]
+        frac["true_fwhm_broad"] = true_fwhm
     return {
         **frac,
         "wavelength": wl,
@@ -293,6 +330,7 @@ def synthetic_spectra(
     dtype="float32",
     host: bool = False,
     host_fraction: tuple[float, float] = (0.0, 0.8),
+    mismatch: bool = False,
 ):
     """Synthetic quasar spectra of a built-in region with known truth, as an xarray Dataset.
 
@@ -330,6 +368,11 @@ def synthetic_spectra(
         host=True)``), see the module docstring. Default False: the plain quasar spectra.
     host_fraction : (float, float)
         Range of the true host fraction at 5100 A (uniform).
+    mismatch : bool
+        Draw the spectra from a model the region does not match exactly, as real spectra
+        are never matched: broad lines as Lorentzians and an FeII template with other
+        multiplet ratios (same parameters; ``true_fwhm_broad`` holds the generated broad
+        line's FWHM, measured). For benchmarks on imperfect models.
 
     Returns
     -------
@@ -351,7 +394,7 @@ def synthetic_spectra(
 
     d = synthetic_spectra_numpy(n_spectra, region=region, seed=seed, snr=snr, wavelength=wavelength, redshift=redshift,
                                 masked_fraction=masked_fraction, n_all_nan=n_all_nan, dtype=dtype, host=host,
-                                host_fraction=host_fraction)
+                                host_fraction=host_fraction, mismatch=mismatch)
     n = d["flux"].shape[0]
     coords = {"spectrum": np.arange(n), "wavelength": d["wavelength"], "param": d["param_names"]}
     if d["redshift"] is not None:
@@ -365,6 +408,8 @@ def synthetic_spectra(
             "all_nan": ("spectrum", d["all_nan"], {"long_name": "spectrum blanked (all NaN)"}),
             **{k: ("spectrum", d[k], {"long_name": f"true host fraction at {k[-4:]} A: host / (host + AGN continuum)", "units": "1"})
                for k in ("true_frac_host_4200", "true_frac_host_5100") if k in d},
+            **({"true_fwhm_broad": ("spectrum", d["true_fwhm_broad"], {"long_name": "FWHM of the generated broad line", "units": "km/s"})}
+               if "true_fwhm_broad" in d else {}),
         },
         coords=coords,
         attrs={
@@ -372,6 +417,7 @@ def synthetic_spectra(
             "region": region,
             "seed": int(seed),
             "host": int(bool(host)),
+            "mismatch": int(bool(mismatch)),
             "frame": "observed" if d["redshift"] is not None else "rest",
             "description": "sheap_dask.synthetic.synthetic_spectra: model spectra with Gaussian noise, masked runs and all-NaN spectra",
         },

@@ -102,3 +102,17 @@ def test_bad_arguments(kwargs, match):
     kw = {"n_spectra": 4, "seed": 0} | kwargs
     with pytest.raises(InputDataError, match=match):
         synthetic_spectra(**kw)
+
+
+def test_mismatched_spectra_differ_from_the_fitted_model():
+    """mismatch=True: Lorentzian broad lines and other FeII multiplet ratios, same parameters;
+    the generated broad line's FWHM is measured into true_fwhm_broad."""
+    import sheap_dask as sd
+
+    plain = sd.io.synthetic_spectra(6, seed=5, n_all_nan=0, snr=1e6)
+    other = sd.io.synthetic_spectra(6, seed=5, n_all_nan=0, snr=1e6, mismatch=True)
+    np.testing.assert_array_equal(plain.true_params.values, other.true_params.values)
+    assert other.attrs["mismatch"] == 1 and "true_fwhm_broad" in other
+    assert np.all(np.isfinite(other.true_fwhm_broad.values))
+    relative = np.abs(other.flux.values - plain.flux.values) / np.abs(plain.flux.values).max(axis=1, keepdims=True)
+    assert np.all(relative.max(axis=1) > 0.01)  # visibly different spectra
