@@ -1,6 +1,6 @@
 """Derived physics in one namespace: the public functions of :mod:`sheap_dask.derived`.
 
-The code lives in ``sheap_dask/derived/`` (``lines``, ``luminosity``, ``bh_mass``, ``errors``)
+The code lives in ``sheap_dask/derived/`` (``lines``, ``luminosity``, ``bh_mass``, ``host``, ``errors``)
 and the flux-unit parser in :mod:`sheap_dask.units`; this module keeps
 ``from sheap_dask.models import derived`` (the README's spelling) working.
 """
@@ -25,6 +25,7 @@ from ..derived.lines import (
     shift,
     sigma,
 )
+from ..derived.host import agn_luminosity, frac_host_4200, frac_host_5100, host_fraction, host_luminosity, stellar_dispersion
 from ..derived.luminosity import (
     DEFAULT_H0,
     DEFAULT_OM0,
@@ -49,11 +50,16 @@ __all__ = [
     "SHIFT_METHODS",
     "VELOCITY_HALF_RANGE",
     "Recipe",
+    "agn_luminosity",
     "bh_mass",
     "continuum_names",
     "cosmology",
     "ew",
+    "frac_host_4200",
+    "frac_host_5100",
     "fwhm",
+    "host_fraction",
+    "host_luminosity",
     "line_flux",
     "line_info",
     "line_luminosity",
@@ -64,4 +70,5 @@ __all__ = [
     "parse_flux_unit",
     "shift",
     "sigma",
+    "stellar_dispersion",
 ]
