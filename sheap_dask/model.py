@@ -448,7 +448,7 @@ def _clip_inside(values: np.ndarray, lower: np.ndarray, upper: np.ndarray, frac:
 
 
 # -- the build-time check -------------------------------------------------------------------------
-_CHECK_PIXELS = 128
+_CHECK_PIXELS = 2048  # fine enough that a narrow line between samples still moves the output
 
 
 def _check_model_function(model: Model, *, detect: bool) -> tuple[str, ...]:

@@ -31,7 +31,11 @@ def finish_quality(out, good, compiled, chunk: ChunkArrays, options) -> None:
     fitted = good & np.isin(out["status"], [s.value for s in Status if s.ok])
     at_bound = pinned_params(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance) & fitted[:, None]
     out["at_bound"][:] = at_bound
-    out["quality"][at_bound.any(axis=1)] |= Quality.PARAM_AT_BOUND
+    # a flux (or template weight) resting on a zero lower bound means "absent", not "stuck":
+    # the detection bits report it, so it alone does not raise PARAM_AT_BOUND
+    with np.errstate(invalid="ignore"):
+        absent = compiled.flux_mask[None, :] & (chunk.lower == 0) & (out["params"] <= chunk.lower + 0.5 * (chunk.upper - chunk.lower))
+    out["quality"][(at_bound & ~absent).any(axis=1)] |= Quality.PARAM_AT_BOUND
     out["quality"][out["method"] == "slsqp"] |= Quality.FALLBACK_USED
     median = converged_median(out, good)
     if median is not None:

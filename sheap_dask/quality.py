@@ -37,7 +37,8 @@ class Quality(enum.IntFlag):
 
 
 _MESSAGES = {
-    Quality.PARAM_AT_BOUND: "a free parameter ended within restart_pinned_tolerance of its range from a bound (see at_bound)",
+    Quality.PARAM_AT_BOUND: ("a free parameter ended within restart_pinned_tolerance of its range from a bound (see at_bound);"
+                             " a flux or template weight at zero (absent) does not count"),
     Quality.WINDOW_INCOMPLETE: "the usable pixels cover less than sheap_dask.coverage.flag of the model's window",
     Quality.ABSORBERS_MASKED: "narrow absorption troughs (or sky residuals) far below the model were masked and the fit repeated (see n_masked)",
     Quality.CHI2_OUTLIER: "reduced chi-square above median * (1 + redchi2_sigma * sqrt(2/dof)) of its chunk",

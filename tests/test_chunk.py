@@ -278,3 +278,12 @@ def test_errors_use_irls_weights_and_a_degenerate_direction_nans_only_its_parame
     line = fit_chunk(model, wl, flat, np.full_like(flat, 100.0), options=ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none"))
     pinned = line["at_bound"].any(axis=1)
     np.testing.assert_array_equal(pinned, (line["quality"] & Quality.PARAM_AT_BOUND) > 0)
+    # ... except a flux at a zero lower bound (an absent line): at_bound records it, the bit does not
+    absent_params = (sd.Parameters().add("amp", 1.0, min=0.0).add("center", 5000.0, fixed=True)
+                     .add("sigma", 6.0, fixed=True).add("c0", 0.5).add("c1", 0.0, min=-5.0, max=5.0))
+    absent = sd.Model(gauss_slope_func, absent_params, name="absent_line", flux_params=("amp",))
+    dip = flat - 0.3 * (np.abs(wl - 5000.0) < 15.0)  # the data pull the line's flux below zero
+    out = fit_chunk(absent, wl, dip, np.full_like(flat, 100.0),
+                    options=ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", absorber_iterations=0))
+    assert out["at_bound"][:, 0].all() and not out["at_bound"][:, 3:].any()
+    assert not np.any(out["quality"] & Quality.PARAM_AT_BOUND)
