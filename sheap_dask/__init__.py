@@ -29,11 +29,13 @@ _LAZY = {
     "fit_chunk": "chunk",
     "fit_dataset": "fit",
     "open_fits": "store",
+    "fit_catalog": "catalog",
+    "open_catalog": "catalog",
     "start_local_cluster": "cluster",
 }
 _SUBMODULES = {"models", "io", "errors", "config", "parameters", "loss", "minimizer", "slsqp", "chunk", "fit", "accessor", "status",
                "model", "cli", "synthetic", "lm", "astro", "identity", "options", "compiled", "quality",
-               "cluster", "store", "stores", "inputs", "derived", "explore", "units"}
+               "cluster", "store", "stores", "inputs", "derived", "explore", "units", "catalog", "catalog_table"}
 
 __all__ = ["__version__", *_LAZY, "models", "io"]
 

@@ -1,7 +1,7 @@
 """Output stores that never lose or mix data, shared by fit stores and ingestion.
 
 - :func:`describe_path` says what is at an output path: nothing, an empty directory, a file,
-  one of our stores (``fit`` from ``fit_dataset``, ``spectra`` from ``ingest_*``), a zarr
+  one of our stores (``fit`` from ``fit_dataset``, ``spectra`` from ``ingest_*``, ``catalog`` from ``fit_catalog``), a zarr
   store sheap_dask did not write, or some other directory.
 - :func:`refuse_foreign` and :func:`refuse_input_overlap` refuse to write where that would
   destroy data that is not ours, or the input; :func:`clear_store` deletes the contents of
@@ -39,7 +39,10 @@ __all__ = ["PathInfo", "StoreLock", "clear_store", "cli_spelling", "describe_pat
 LOCK_NAME = "sheap_lock.json"
 #: root attribute naming the kind of one of our stores: "fit" or "spectra"
 KIND_ATTR = "sheap_store"
-KIND_NAMES = {"fit": "fit store (written by fit_dataset / sheap-dask fit)", "spectra": "spectra store (written by sheap-dask ingest)"}
+KIND_NAMES = {"fit": "fit store (written by fit_dataset / sheap-dask fit)", "spectra": "spectra store (written by sheap-dask ingest)",
+              "catalog": "catalogue store (written by fit_catalog / sheap-dask catalog)"}
+#: the record that marks a directory as a catalogue store (sheap_dask.catalog)
+CATALOG_RECORD = "sheap_catalog.json"
 
 # --------------------------------------------------------------------------------------
 # Python keywords or CLI flags in messages
@@ -92,7 +95,7 @@ class PathInfo:
     """What :func:`describe_path` found at ``store``.
 
     ``kind``: ``missing``, ``empty`` (a directory with nothing in it but our lock), ``file``,
-    ``fit``, ``spectra``, ``zarr`` (a zarr store sheap_dask did not write) or ``directory``
+    ``fit``, ``spectra``, ``catalog``, ``zarr`` (a zarr store sheap_dask did not write) or ``directory``
     (anything else). ``what`` says it in words for messages; ``attrs`` are a zarr store's root
     attributes.
     """
@@ -138,6 +141,8 @@ def describe_path(store: Any, storage_options: Mapping[str, Any] | None = None) 
     names.discard("")
     if not names - {LOCK_NAME}:
         return PathInfo(label, "empty", "an empty directory", {})
+    if CATALOG_RECORD in names:  # a directory of fit stores and the assembled catalogue
+        return PathInfo(label, "catalog", "a sheap_dask catalogue store", {})
     is_zarr = bool(names & {"zarr.json", ".zgroup", ".zattrs", ".zmetadata", ".zarray"})
     attrs = _root_attrs(fs, path, names) if is_zarr else {}
     kind = attrs.get(KIND_ATTR)
