@@ -75,6 +75,26 @@ def test_correlated_draws_give_the_error_of_a_sum_and_undefined_parameters_nan_i
     assert np.isfinite(fwhm[0]) and np.isnan(fwhm[1]) and np.all(np.isfinite(oiii))
 
 
+def test_a_huge_error_elsewhere_leaves_correlated_draws_intact():
+    """A line off the data's edge can get a 1e50 flux error; the draws of every other
+    parameter must keep their precision (a plain eigendecomposition of such a covariance
+    returns zero variance for the small ones)."""
+    params = make_params(1)
+    names = MODEL.param_names
+    idx = [names.index(n) for n in ("hb1_flux", "hb1_fwhm", "oiii_flux")]
+    sigma = np.array([100.0, 10.0, 1e50])
+    rho = np.array([[1.0, 0.5, 0.3], [0.5, 1.0, 0.2], [0.3, 0.2, 1.0]])
+    cov = np.zeros((1, len(names), len(names)))
+    cov[0][np.ix_(idx, idx)] = sigma[:, None] * rho * sigma[None, :]
+    err = np.sqrt(np.einsum("nii->ni", cov))
+    width = lines.measure_line(MODEL, "hbeta_broad", params, err, cov=cov, n_samples=2000)["fwhm"][1]
+    alone = cov.copy()
+    alone[0][idx[2], :] = alone[0][:, idx[2]] = 0.0
+    expected = lines.measure_line(MODEL, "hbeta_broad", params, err, cov=alone, n_samples=2000)["fwhm"][1]
+    assert expected > 0
+    np.testing.assert_allclose(width, expected, rtol=0.1)
+
+
 def test_resampling_realizations_are_used_as_they_are():
     params = make_params(1)
     names = MODEL.param_names

@@ -230,8 +230,13 @@ def _root(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     square root, zero for the undefined ones, i.e. those with NaN in the covariance)."""
     undefined = np.isnan(np.einsum("nii->ni", cov)) | np.isnan(cov).all(axis=2)
     c = np.where(undefined[:, :, None] | undefined[:, None, :], 0.0, np.nan_to_num(cov))
-    w, v = np.linalg.eigh(0.5 * (c + np.swapaxes(c, 1, 2)))
-    return v * np.sqrt(np.clip(w, 0.0, None))[:, None, :], undefined
+    c = 0.5 * (c + np.swapaxes(c, 1, 2))
+    # the square root of the correlation matrix, scaled back: one parameter with a 1e50 error
+    # (a line off the data's edge) must not swamp the precision of everyone else's draws
+    d = np.sqrt(np.clip(np.einsum("nii->ni", c), 0.0, None))
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    w, v = np.linalg.eigh(c * inv[:, :, None] * inv[:, None, :])
+    return d[:, :, None] * v * np.sqrt(np.clip(w, 0.0, None))[:, None, :], undefined
 
 
 def _bucket(n: int) -> int:
