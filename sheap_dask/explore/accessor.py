@@ -350,3 +350,24 @@ class SheapAccessor:
         link = self._link.isel(bad)
         link.ds.sheap._link = link  # the subset's accessor starts from this result's links
         return link.ds
+
+    # ------------------------------------------------------------------------------------
+    # catalogue exports (sheap_dask.io.export)
+    # ------------------------------------------------------------------------------------
+    def to_fits(self, path, *, overwrite: bool = False) -> str:
+        """Write this catalogue as a FITS table with units and flag meanings: :func:`sheap_dask.io.export.to_fits`."""
+        from ..io.export import to_fits
+
+        return to_fits(self._ds, path, overwrite=overwrite)
+
+    def to_parquet(self, path, *, overwrite: bool = False) -> str:
+        """Write this catalogue as parquet with units and flag meanings: :func:`sheap_dask.io.export.to_parquet`."""
+        from ..io.export import to_parquet
+
+        return to_parquet(self._ds, path, overwrite=overwrite)
+
+    def to_csv(self, path, *, overwrite: bool = False) -> str:
+        """Write this catalogue as ECSV (CSV with a units header): :func:`sheap_dask.io.export.to_csv`."""
+        from ..io.export import to_csv
+
+        return to_csv(self._ds, path, overwrite=overwrite)

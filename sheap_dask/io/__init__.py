@@ -15,6 +15,9 @@ Tables and quasar-catalogue products (:mod:`.tables`)
     :func:`read_rest_frame_fits` the rest-frame spectrum of a DR16Q/DR19 ``op`` file.
 zarr (:mod:`.zarr`)
     :func:`open_spectra`, :func:`write_zarr`, and the chunk-by-chunk ingestion engine.
+Catalogue exports (:mod:`.export`)
+    :func:`to_fits`, :func:`to_parquet`, :func:`to_csv`: a catalogue of
+    :func:`sheap_dask.fit_catalog` as a file, with units, descriptions and flag meanings.
 Galactic extinction and air/vacuum wavelengths
     live in :mod:`sheap_dask.astro` and are re-exported here: :func:`extinction_curve`,
     :func:`dered`, :func:`air_to_vacuum`, :func:`vacuum_to_air`.
@@ -42,6 +45,7 @@ from .desi import (
     is_desi_file,
     read_desi_spectra,
 )
+from .export import to_csv, to_fits, to_parquet
 from .sdss import (
     DEFAULT_MASK_BITS,
     LOGLAM_STEP,
@@ -63,6 +67,9 @@ __all__ = [
     "air_to_vacuum",
     "vacuum_to_air",
     "synthetic_spectra",
+    "to_fits",
+    "to_parquet",
+    "to_csv",
 ]
 
 
