@@ -1,4 +1,4 @@
-"""Command line: ``sheap-dask demo | fit | info | ingest``.
+"""Command line: ``sheap-dask demo | fit | catalog | info | ingest``.
 
 The only module that prints; everything else logs. Defaults come from ``dask.config``
 (``sheap_dask.cli.*`` and the fit options), so the Helm chart's environment applies here too.
@@ -120,15 +120,36 @@ def _parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fit", help="fit every spectrum of a zarr store; re-running resumes")
     f.add_argument("input", help="input zarr store (path or fsspec URL) with flux, ivar and wavelength")
     f.add_argument("output", help="output zarr store of fits (resumed when it exists)")
-    f.add_argument("--model", default="hbeta", help="built-in region: hbeta, halpha, mgii, civ (default hbeta)")
-    f.add_argument("--n-broad", type=int, default=None, help="broad components of the region's broad line")
-    f.add_argument("--no-feii", action="store_true", help="leave FeII out of the region model")
-    f.add_argument("--chunk", type=int, default=None, help="spectra per chunk (default: the input's chunks)")
+    f.add_argument("--model", default="hbeta", type=_region_arg, help="built-in region: hbeta, halpha, mgii, civ (default hbeta)")
+    f.add_argument("--no-coverage", action="store_true",
+                   help="fit every spectrum (default: only those whose rest-frame coverage supports the region; see sd.models.covering_spectra)")
+    _add_region_options(f)
+    f.add_argument("--chunk", type=_positive_int("--chunk"), default=None, help="spectra per chunk (default: the input's chunks)")
     f.add_argument("--no-resume", action="store_true", help="overwrite OUTPUT (a fit store) instead of resuming it")
     f.add_argument("--force", action="store_true", help="break a stale lock on OUTPUT (its writer was killed)")
     f.add_argument("--allow-no-data", action="store_true", help="exit 0 even when every spectrum is no_data (default: exit 3)")
     _add_fit_options(f)
     f.set_defaults(func=_cmd_fit)
+
+    c = sub.add_parser("catalog", help="a quasar catalogue: every region each spectrum covers, fitted and measured, one row per spectrum")
+    c.add_argument("input", help="input zarr store (path or fsspec URL) of spectra with flux, ivar, wavelength and redshift")
+    c.add_argument("output", help="the catalogue: a catalogue store (--format zarr, resumed when it exists) or a FITS/parquet/CSV file")
+    c.add_argument("--regions", default="auto", type=_regions_arg, help="auto (every built-in region) or a comma-separated list, e.g. hbeta,mgii")
+    c.add_argument("--format", default="zarr", choices=["zarr", "fits", "parquet", "csv"], help="output format (default zarr: the catalogue store)")
+    c.add_argument("--store", default=None,
+                   help="catalogue store (the regions' fit stores, for resume) with --format fits/parquet/csv (default OUTPUT.store)")
+    c.add_argument("--n-mc", type=_nonnegative_int("--n-mc"), default=None,
+                   help="resampling Monte Carlo realizations per fit for the errors (DR16Q: 25; default from config: 0, covariance draws)")
+    c.add_argument("--n-samples", type=_positive_int("--n-samples"), default=None, help="Monte Carlo draws per measurement (default 200)")
+    c.add_argument("--fiducial", default="dr16q",
+                   help="fiducial black-hole mass: dr16q (H-beta z<0.8, MgII to 1.9, CIV above), a region or a recipe name")
+    c.add_argument("--chunk", type=_positive_int("--chunk"), default=None, help="spectra per chunk of each region's fit")
+    c.add_argument("--no-resume", action="store_true", help="replace the catalogue store instead of resuming it")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing FITS/parquet/CSV OUTPUT file")
+    c.add_argument("--force", action="store_true", help="break a stale lock on the catalogue store (its writer was killed)")
+    _add_region_options(c)
+    _add_fit_options(c)
+    c.set_defaults(func=_cmd_catalog)
 
     i = sub.add_parser("info", help="summarise a fit store: chunks done, status counts, model, options")
     i.add_argument("store")
@@ -153,12 +174,72 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_region_options(p: argparse.ArgumentParser) -> None:
+    """The keywords of sd.models.region (the catalogue applies each to the regions it concerns)."""
+    p.add_argument("--n-broad", type=_n_broad_arg, default=None, help="Gaussians of each broad line, 1-4 (default 2)")
+    p.add_argument("--no-feii", action="store_true", help="leave FeII out of the hbeta and mgii models")
+    p.add_argument("--oiii-wing", action="store_true", help="hbeta: a blueshifted outflow wing on each [OIII] line")
+    p.add_argument("--balmer", action="store_true", help="mgii: add a Balmer continuum")
+    p.add_argument("--host", default=None, choices=["auto", "on", "off"], help="host-galaxy starlight (default auto: on for hbeta and halpha)")
+    p.add_argument("--continuum", default=None, choices=["windows", "joint"], help="continuum from line-free windows first (default) or joint")
+
+
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default=None, type=_scheduler_arg, help="address of a running Dask scheduler (tcp://host:8786); default: a local cluster")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, type=_scheduler_arg, help="address of a running Dask scheduler (tcp://host:8786); default: a local cluster")
+    where.add_argument("--workers", default=None, type=_positive_int("--workers"),
+                       help="workers of the local cluster started here (default: one per CPU core)")
     p.add_argument("--method", default=None, choices=["lm", "adam", "lbfgs"], help="batched optimizer (default from config: lm)")
     p.add_argument("--num-steps", type=int, default=None, help="iteration budget of the batched solve")
     p.add_argument("--fallback", default=None, choices=["slsqp", "none"], help="re-fit failed spectra with SLSQP (default) or not")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _positive_int(flag: str, minimum: int = 1):
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer >= {minimum} (e.g. {flag} {max(minimum, 1) * 4})")
+        return number
+
+    return parse
+
+
+def _nonnegative_int(flag: str):
+    return _positive_int(flag, 0)
+
+
+def _n_broad_arg(value: str) -> int:
+    if value not in ("1", "2", "3", "4"):
+        raise argparse.ArgumentTypeError(f"{value!r}: the broad line has 1 to 4 Gaussians (e.g. --n-broad 2)")
+    return int(value)
+
+
+def _region_arg(value: str) -> str:
+    from .models.regions import REGIONS
+
+    if value not in REGIONS:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a built-in region; use one of {', '.join(REGIONS)}")
+    return value
+
+
+def _regions_arg(value: str) -> str:
+    from .models.regions import REGIONS
+
+    if value.strip() == "auto":
+        return "auto"
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in REGIONS]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: {'no region named' if not names else 'unknown region ' + ', '.join(map(repr, bad))}; use auto or a "
+            f"comma-separated list of {', '.join(REGIONS)} (e.g. --regions hbeta,mgii)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{value!r} names a region twice (e.g. --regions hbeta,mgii)")
+    return ",".join(names)
 
 
 def _ebv_arg(value: str):
@@ -196,8 +277,10 @@ def _client(args):
         if dask.config.get("scheduler", None) in LOCAL_SCHEDULERS:  # e.g. synchronous, set in Python
             return None, None
 
-        # Worker warnings (cancelled tasks at Ctrl-C, ...) only with -v.
-        return start_default_cluster(silence_logs=logging.WARNING if args.verbose else logging.ERROR)
+        workers = getattr(args, "workers", None)
+        with dask.config.set({"sheap_dask.cluster.n_workers": workers} if workers else {}):
+            # Worker warnings (cancelled tasks at Ctrl-C, ...) only with -v.
+            return start_default_cluster(silence_logs=logging.WARNING if args.verbose else logging.ERROR)
     from distributed import Client
 
     address = args.scheduler
@@ -228,15 +311,34 @@ def _fit_kwargs(args) -> dict:
     return dict(method=args.method, num_steps=args.num_steps, fallback=args.fallback, progress=not args.no_progress)
 
 
-def _region_model(args):
-    from .models import region
-
+def _region_options(args, name: str, *, strict: bool) -> dict:
+    """The keywords of ``sd.models.region(name)`` the flags ask for. ``strict``: a flag that does
+    not apply to ``name`` is an error (``fit``); else it is left out (``catalog``: each flag goes
+    to the regions it concerns)."""
     kwargs = {}
     if getattr(args, "n_broad", None) is not None:
         kwargs["n_broad"] = args.n_broad
-    if getattr(args, "no_feii", False):
+    if getattr(args, "no_feii", False) and (strict or name in ("hbeta", "mgii")):
         kwargs["feii"] = False
-    return region(args.model, **kwargs)
+    for flag, key, regions in (("oiii_wing", "oiii_wing", ("hbeta",)), ("balmer", "balmer", ("mgii",))):
+        if getattr(args, flag, False):
+            if name in regions:
+                kwargs[key] = True
+            elif strict:
+                raise ValueError(f"--{flag.replace('_', '-')} applies to the {' and '.join(regions)} region only, not --model {name}; "
+                                 "drop the flag or fit that region")
+    host = getattr(args, "host", None)
+    if host is not None:
+        kwargs["host"] = {"auto": "auto", "on": True, "off": False}[host]
+    if getattr(args, "continuum", None) is not None:
+        kwargs["continuum"] = args.continuum
+    return kwargs
+
+
+def _region_model(args):
+    from .models import region
+
+    return region(args.model, **_region_options(args, args.model, strict=True))
 
 
 def _cmd_demo(args) -> int:
@@ -299,10 +401,13 @@ def _cmd_fit(args) -> int:
 
     model = _region_model(args)
     preflight(args.output, "fit", [args.input], force=args.force)  # before a cluster starts
+    data = args.input
+    if not args.no_coverage:
+        data = _covered(args.input, model, args.model)
     with _cluster(args) as client:
         t0 = time.perf_counter()
         fits = fit_dataset(
-            args.input, model, store=args.output, resume=not args.no_resume, force=args.force, client=client,
+            data, model, store=args.output, resume=not args.no_resume, force=args.force, client=client,
             chunk_size=args.chunk, **_fit_kwargs(args),
         )
         elapsed = time.perf_counter() - t0
@@ -321,6 +426,70 @@ def _cmd_fit(args) -> int:
         print("error: every spectrum is no_data (see the warning above for the likely cause); pass --allow-no-data to exit 0 anyway",
               file=sys.stderr)
         return EXIT_ALL_NO_DATA
+    return 0
+
+
+def _covered(path: str, model, name: str):
+    """The spectra of ``path`` whose rest-frame coverage supports ``model``; the path itself when
+    that is all of them, or none (then every spectrum is recorded as no_data, with its cause)."""
+    from .catalog import _covering
+    from .inputs import open_store
+
+    ds = open_store(path, None)
+    keep = _covering(ds, model, dim="spectrum", flux="flux", ivar="ivar", redshift="redshift")
+    n = ds.sizes["spectrum"]
+    if keep.size == n:
+        return path
+    if keep.size == 0:  # fitted all the same: the fit's no_data warning names the likely cause
+        print(f"none of the {n} spectra covers the {name} region: each gets status no_data (see the warning for why)")
+        return path
+    print(f"{keep.size} of {n} spectra cover the {name} region: fitting those (--no-coverage fits all {n})")
+    sub = ds.isel(spectrum=keep)
+    return sub.chunk({"spectrum": max(sub.chunksizes["spectrum"])}) if sub["flux"].chunks else sub
+
+
+def _cmd_catalog(args) -> int:
+    import os
+
+    import numpy as np
+
+    from .catalog import fit_catalog
+    from .errors import StoreExistsError
+    from .io import export
+    from .models.regions import REGIONS
+
+    names = list(REGIONS) if args.regions == "auto" else args.regions.split(",")
+    region_options = {n: o for n in names if (o := _region_options(args, n, strict=False))}
+    if args.format == "zarr":
+        if args.store is not None:
+            raise ValueError("--store is for --format fits/parquet/csv (the catalogue store behind the file); with --format zarr "
+                             "OUTPUT is the catalogue store: drop --store")
+        store = args.output
+    else:
+        store = args.store or f"{args.output}.store"
+        if os.path.exists(args.output) and not args.overwrite:
+            raise StoreExistsError(f"OUTPUT {args.output!r} exists; pass --overwrite to replace it (or a new path)")
+    fit_options = {k: v for k, v in (("method", args.method), ("num_steps", args.num_steps), ("fallback", args.fallback)) if v is not None}
+    with _cluster(args) as client:
+        t0 = time.perf_counter()
+        cat = fit_catalog(args.input, args.regions, client=client, store=store, resume=not args.no_resume, force=args.force,
+                          n_mc=args.n_mc, n_samples=args.n_samples, region_options=region_options, fiducial=args.fiducial,
+                          chunk_size=args.chunk, progress=not args.no_progress, fit_options=fit_options).load()
+        elapsed = time.perf_counter() - t0
+    n = cat.sizes.get("spectrum", 0)
+    print(f"catalogue of {n} spectra in {elapsed:.1f} s: {store}")
+    for name in names:
+        if f"{name}_covered" not in cat:
+            continue
+        covered = np.asarray(cat[f"{name}_covered"].values)
+        status = np.asarray(cat[f"{name}_status"].values)[covered] if f"{name}_status" in cat else np.zeros(0)
+        ok = int(np.isin(status, [0, 1]).sum())
+        print(f"  {name:6s} {int(covered.sum()):6d} spectra covered, {ok} converged")
+    finite = np.isfinite(np.asarray(cat["log_mbh"].values))
+    print(f"  fiducial log M_BH for {int(finite.sum())} of {n} spectra ({cat.attrs.get('fiducial_rule', '')})")
+    if args.format != "zarr":
+        path = getattr(export, f"to_{args.format}")(cat, args.output, overwrite=args.overwrite)
+        print(f"written: {path} ({args.format})")
     return 0
 
 
