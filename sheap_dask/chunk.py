@@ -36,7 +36,7 @@ from .compiled import _STATS, compile_stats, get_compiled
 from .coverage import coverage
 from .errors import InputDataError
 from .options import ChunkOptions, check_penalty
-from .outcome import finish_quality, line_fluxes, model_lines, parameter_errors
+from .outcome import absent_params, finish_quality, line_fluxes, model_lines, parameter_errors
 from .quality import Quality
 from .rescue import (
     fallback_candidates,
@@ -294,6 +294,8 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
 
     finish_quality(out, good, compiled, chunk, options)
     err, undefined, cov = parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower)
+    # undefined errors of an absent component's shape are expected (its detection bit says so)
+    undefined &= (np.isnan(err) & ~absent_params(out["params"], out["at_bound"], compiled, chunk)).any(axis=1)
     out["quality"][undefined] |= Quality.ERRORS_UNDEFINED
     # back to the input's unit
     out["params"] *= param_scale

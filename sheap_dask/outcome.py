@@ -12,7 +12,7 @@ from .batch import pinned as pinned_params
 from .quality import Quality
 from .status import Status
 
-__all__ = ["finish_quality", "parameter_errors", "line_fluxes", "model_lines"]
+__all__ = ["finish_quality", "absent_params", "parameter_errors", "line_fluxes", "model_lines"]
 
 
 def model_lines(model) -> dict[str, list[str]]:
@@ -31,16 +31,33 @@ def finish_quality(out, good, compiled, chunk: ChunkArrays, options) -> None:
     fitted = good & np.isin(out["status"], [s.value for s in Status if s.ok])
     at_bound = pinned_params(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance) & fitted[:, None]
     out["at_bound"][:] = at_bound
-    # a flux (or template weight) resting on a zero lower bound means "absent", not "stuck":
-    # the detection bits report it, so it alone does not raise PARAM_AT_BOUND
-    with np.errstate(invalid="ignore"):
-        absent = compiled.flux_mask[None, :] & (chunk.lower == 0) & (out["params"] <= chunk.lower + 0.5 * (chunk.upper - chunk.lower))
-    out["quality"][(at_bound & ~absent).any(axis=1)] |= Quality.PARAM_AT_BOUND
+    # an absent component (its fluxes or template weights resting on a zero lower bound) is
+    # "not there", not "stuck": the detection bits report it, and its shape parameters are
+    # free to sit anywhere, so neither raises PARAM_AT_BOUND
+    out["quality"][(at_bound & ~absent_params(out["params"], at_bound, compiled, chunk)).any(axis=1)] |= Quality.PARAM_AT_BOUND
     out["quality"][out["method"] == "slsqp"] |= Quality.FALLBACK_USED
     median = converged_median(out, good)
     if median is not None:
         outlier = fitted & redchi2_outlier(out["redchi2"], out["dof"], median, options.fallback_redchi2_sigma)
         out["quality"][outlier] |= Quality.CHI2_OUTLIER
+
+
+def absent_params(params, at_bound, compiled, chunk: ChunkArrays) -> np.ndarray:
+    """(n, n_params) mask: the parameters of components whose flux parameters all rest at a
+    zero lower bound (an undetected line, a host with zero weights), those flux parameters
+    included. Components come from ``model.metadata["components"][name]["params"]``; a model
+    without that metadata treats each flux parameter as its own component."""
+    with np.errstate(invalid="ignore"):
+        zero = compiled.flux_mask[None, :] & at_bound & (chunk.lower == 0) & (params <= 0.5 * chunk.upper)
+    absent = zero.copy()
+    meta = compiled.model.metadata if isinstance(compiled.model.metadata, Mapping) else {}
+    names = list(compiled.names)
+    for info in (meta.get("components") or {}).values():
+        members = [names.index(p) for p in (info or {}).get("params", ()) if p in names]
+        fluxes = [i for i in members if compiled.flux_mask[i]]
+        if fluxes:
+            absent[:, members] |= zero[:, fluxes].all(axis=1)[:, None]
+    return absent
 
 
 def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -38,12 +38,13 @@ class Quality(enum.IntFlag):
 
 _MESSAGES = {
     Quality.PARAM_AT_BOUND: ("a free parameter ended within restart_pinned_tolerance of its range from a bound (see at_bound);"
-                             " a flux or template weight at zero (absent) does not count"),
+                             " the parameters of an absent component (its fluxes or template weights at zero) do not count"),
     Quality.WINDOW_INCOMPLETE: "the usable pixels cover less than sheap_dask.coverage.flag of the model's window",
     Quality.ABSORBERS_MASKED: "narrow absorption troughs (or sky residuals) far below the model were masked and the fit repeated (see n_masked)",
     Quality.CHI2_OUTLIER: "reduced chi-square above median * (1 + redchi2_sigma * sqrt(2/dof)) of its chunk",
     Quality.FALLBACK_USED: "the SLSQP fallback produced the final parameters",
-    Quality.ERRORS_UNDEFINED: "some parameter errors are NaN: a degenerate direction of the covariance",
+    Quality.ERRORS_UNDEFINED: ("some parameter errors are NaN: a degenerate direction of the covariance"
+                               " (those of an absent component's shape do not count)"),
     Quality.BROAD_LINE_UNDETECTED: "a broad line's flux is below its detection threshold (flux / error)",
     Quality.NARROW_LINE_UNDETECTED: "a narrow line's flux is below its detection threshold (flux / error)",
 }

@@ -287,3 +287,28 @@ def test_errors_use_irls_weights_and_a_degenerate_direction_nans_only_its_parame
                     options=ChunkOptions(method="lm", num_steps=100, dtype="float64", fallback="none", absorber_iterations=0))
     assert out["at_bound"][:, 0].all() and not out["at_bound"][:, 3:].any()
     assert not np.any(out["quality"] & Quality.PARAM_AT_BOUND)
+
+
+def test_absent_component_parameters_are_not_quality_caveats():
+    """A component whose fluxes all rest at zero is absent: its shape parameters may sit at a
+    bound or have undefined errors without raising a quality bit; a present one still does."""
+    from types import SimpleNamespace
+
+    from sheap_dask.outcome import absent_params
+
+    names = ["host_w1", "host_w2", "host_sigma", "line_flux", "line_fwhm", "slope"]
+    compiled = SimpleNamespace(
+        names=names, flux_mask=np.array([True, True, False, True, False, False]),
+        model=SimpleNamespace(metadata={"components": {"host": {"params": names[:3]}, "line": {"params": names[3:5]}}}),
+    )
+    lower = np.array([[0.0, 0.0, 0.0, 0.0, 100.0, -5.0]] * 3)
+    upper = np.array([[1e3, 1e3, 500.0, 1e3, 2e4, 5.0]] * 3)
+    params = np.array([
+        [0.0, 0.0, 0.0, 0.0, 2e4, 0.0],     # host and line absent: everything of theirs is excused
+        [5.0, 0.0, 0.0, 0.0, 100.0, 5.0],   # host present (sigma at 0 counts), line absent, slope at bound
+        [0.0, 0.0, 500.0, 10.0, 2e4, 0.0],  # host absent, line present at its width bound
+    ])
+    at_bound = np.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 0]], dtype=bool)
+    absent = absent_params(params, at_bound, compiled, SimpleNamespace(lower=lower, upper=upper))
+    np.testing.assert_array_equal(absent, [[1, 1, 1, 1, 1, 0], [0, 1, 0, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal((at_bound & ~absent).any(axis=1), [False, True, True])
