@@ -26,7 +26,7 @@ from .options import ChunkOptions
 
 logger = logging.getLogger("sheap_dask.chunk")
 
-__all__ = ["CompiledModel", "get_compiled", "compile_stats"]
+__all__ = ["CompiledModel", "compile_stats", "get_compiled"]
 
 _STATS = {"solver_builds": 0, "traces": 0, "chunks": 0, "compiling_chunks": 0, "compiling_seconds": 0.0, "warm_seconds": 0.0,
           "spectra": 0, "restarted": 0, "restart_seconds": 0.0, "absorber_refits": 0, "absorber_seconds": 0.0,
@@ -84,7 +84,12 @@ class CompiledModel:
         import jax.numpy as jnp
 
         from .lm import irls_weight
-        from .loss import build_loss_function, robust_rho, usable_mask, weighted_residuals
+        from .loss import (
+            build_loss_function,
+            robust_rho,
+            usable_mask,
+            weighted_residuals,
+        )
         from .minimizer import Minimizer
 
         self.model = model
@@ -194,7 +199,7 @@ class CompiledModel:
         import jax
 
         fn = self._post_2d if np.ndim(wavelength) == 2 else self._post
-        f64 = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+        f64 = lambda a: np.asarray(a, dtype=np.float64)
         with jax.enable_x64(True):
             return tuple(np.asarray(a, dtype=np.float64) for a in fn(f64(phys), f64(wavelength), f64(flux), f64(errors)))
 
@@ -248,15 +253,13 @@ class CompiledModel:
         if not todo:
             return
         self._warm |= todo
-        rep = lambda a: np.repeat(np.asarray(a)[None], group, axis=0)  # noqa: E731
+        rep = lambda a: np.repeat(np.asarray(a)[None], group, axis=0)
         wl_g = wavelength if np.ndim(wavelength) == 1 else rep(wavelength)
         if "post" in todo:
             self.post(rep(start), wl_g, rep(flux), rep(errors))
         if "evaluate" in todo:
             self.evaluate_rows(wl_g, rep(start), group)
         if any(isinstance(t, tuple) for t in todo):
-            self.post(np.asarray(start)[None], wavelength if np.ndim(wavelength) == 1 else np.asarray(wavelength)[None],
-                      np.asarray(flux)[None], np.asarray(errors)[None])
             free = self.free_index
             offsets = self.model.params.expand_free(np.zeros(len(free)), start)
             from .slsqp import SLSQP

@@ -29,7 +29,7 @@ from .status import Status
 
 logger = logging.getLogger("sheap_dask.chunk")
 
-__all__ = ["restart_suspects", "reject_absorbers", "trough_mask", "fallback_candidates", "run_fallback"]
+__all__ = ["fallback_candidates", "reject_absorbers", "restart_suspects", "run_fallback", "trough_mask"]
 
 
 def _timed(count_key: str, seconds_key: str):
@@ -76,17 +76,22 @@ def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     for group in compiled.component_groups:
         whole[:, group] |= whole[:, group].any(axis=1, keepdims=True)
     current = out["params"][suspects]
-    starts = chunk.start.copy()
-    for trial in (np.where(pinned, chunk.start[suspects], current), np.where(whole, chunk.start[suspects], current)):
-        starts[suspects] = trial
-        res = solve(compiled, chunk, starts, suspects)
-        valid = (res["status"] == Status.CONVERGED) & np.isfinite(res["loss"])
-        win = valid & (res["loss"] < out["loss"][suspects])
+    k = suspects.size
+    # both starts of every suspect in one batched solve (one pass of the lanes, not two)
+    both = np.concatenate([suspects, suspects])
+    pair = ChunkArrays(**{**chunk.__dict__, "wl": chunk.wl[both] if chunk.wl.ndim == 2 else chunk.wl, "flux": chunk.flux[both],
+                          "errors": chunk.errors[both], "lower": chunk.lower[both], "upper": chunk.upper[both]})
+    trials = np.concatenate([np.where(pinned, chunk.start[suspects], current), np.where(whole, chunk.start[suspects], current)])
+    res = solve(compiled, pair, trials, np.arange(2 * k))
+    valid = (res["status"] == Status.CONVERGED) & np.isfinite(res["loss"])
+    for half in (slice(0, k), slice(k, 2 * k)):  # the first start wins a tie, as when run one after the other
+        v = valid[half]
+        win = v & (res["loss"][half] < out["loss"][suspects])
         i = suspects[win]
         for name in ("params", "loss", "chi2"):
-            out[name][i] = res[name][win]
-        out["n_iter"][suspects[valid]] += res["n_iter"][valid]
-        jtwj[i] = res["jtwj"][win]
+            out[name][i] = res[name][half][win]
+        out["n_iter"][suspects[v]] += res["n_iter"][half][v]
+        jtwj[i] = res["jtwj"][half][win]
     update_redchi2(out, suspects)
     return suspects.size
 
@@ -233,6 +238,7 @@ def run_fallback(retry, out, jtwj, compiled, chunk: ChunkArrays, options) -> int
     batch_rows = out["params"][retry]
     offsets = params.expand_free(np.zeros((retry.size, compiled.n_free)), np.where(np.isfinite(batch_rows), batch_rows, chunk.start[retry]))
     logger.info("SLSQP fallback for %d spectra", retry.size)
+    done = []  # (row, SLSQP result, candidate parameters, was converged)
     for k, i in enumerate(retry):  # the only Python loop over spectra: failed ones only
         wl_i, flux_i, err_i, lower_i, upper_i = chunk.rows(i)
         batch_p = out["params"][i, free]
@@ -250,22 +256,28 @@ def run_fallback(retry, out, jtwj, compiled, chunk: ChunkArrays, options) -> int
             if out["status"][i] == Status.NONFINITE:
                 out["status"][i] = Status.FAILED
             continue
-        was_converged = out["status"][i] == Status.CONVERGED
-        candidate = params.expand_free(np.asarray(res.values, dtype=np.float64), offsets[k])
-        chi2, objective, jtwj_i = compiled.post(candidate[None], wl_i if wl_i.ndim == 1 else wl_i[None], flux_i[None], err_i[None])
+        done.append((i, res, params.expand_free(np.asarray(res.values, dtype=np.float64), offsets[k]), out["status"][i] == Status.CONVERGED))
+    if not done:
+        return retry.size
+    # objective, chi-square and J^T W J of every SLSQP fit at once, in the post-processing
+    # groups compiled with the first chunk (no one-row program to compile)
+    rows = np.array([d[0] for d in done])
+    wl, flux, errors, _, _ = chunk.rows(rows)
+    chi2, objective, jtwj_new = compiled.post_rows(np.stack([d[2] for d in done]), wl, flux, errors, rows.size, group_size(chunk.batch))
+    for j, (i, res, candidate, was_converged) in enumerate(done):
         # A converged batch fit (re-fitted only as an outlier) is replaced only by a
         # converged SLSQP fit with a lower objective: never by a worse or unconverged one.
         # An unconverged one is replaced by a converged SLSQP fit that is no worse.
         old = out["loss"][i]
-        better = np.isfinite(objective[0]) and not (objective[0] >= old)  # also when the old one is NaN
-        as_good = np.isfinite(objective[0]) and res.converged and not was_converged and objective[0] <= old + 1e-9 * abs(old)
+        better = np.isfinite(objective[j]) and not (objective[j] >= old)  # also when the old one is NaN
+        as_good = np.isfinite(objective[j]) and res.converged and not was_converged and objective[j] <= old + 1e-9 * abs(old)
         if (better or as_good) and (res.converged or not was_converged):
             out["params"][i] = candidate
-            out["loss"][i], out["chi2"][i] = objective[0], chi2[0]
+            out["loss"][i], out["chi2"][i] = objective[j], chi2[j]
             out["method"][i] = "slsqp"
             out["n_iter"][i] = res.n_eval
             out["status"][i] = Status.CONVERGED_AFTER_FALLBACK if res.converged else Status.FAILED
-            jtwj[i] = jtwj_i[0]
+            jtwj[i] = jtwj_new[j]
             update_redchi2(out, np.array([i]))
         elif out["status"][i] == Status.NONFINITE:
             out["status"][i] = Status.FAILED

@@ -1,0 +1,134 @@
+"""The README's per-model performance table (issue 15), generated from recorded JSON lines.
+
+``benchmarks/results/models.jsonl`` holds one line of ``bench_models.py`` per (model, data)
+pair, as printed. This script renders them into the Markdown table between
+``<!-- generated:models-table -->`` and ``<!-- /generated:models-table -->`` in README.md,
+with each issue-15 target marked met or not and by how much; ``tests/test_benchmarks.py``
+checks that the README holds exactly what this renders from the recorded lines.
+
+    python benchmarks/models_table.py --run           # run the four benchmarks (~15 min), record, write
+    python benchmarks/models_table.py --write-readme  # re-render the README from the recorded lines
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "models.jsonl"
+README = HERE.parent / "README.md"
+BEGIN, END = "<!-- generated:models-table -->", "<!-- /generated:models-table -->"
+RUNS = [("user", "matched"), ("user", "mismatched"), ("region", "matched"), ("region", "mismatched")]
+# issue 15: (warm, cold) speed-up over curvefit each model must reach
+TARGETS = {"user": (10.0, 10.0), "region": (20.0, 10.0)}
+QUALITY = ("frac_redchi2_lt_1.2", "frac_fwhm_broad_within_10pct", "frac_oiii_flux_within_10pct")
+LABEL = dict(zip(QUALITY, ("reduced chi-square < 1.2", "broad H-beta FWHM within 10%", "[OIII] flux within 10%")))
+COMPILE_TARGET_S = 5.0
+
+
+def load(path: Path = RESULTS) -> list[dict]:
+    """The recorded lines, in RUNS order (the last line of each (model, data) pair)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            found[(rec["model"], rec["data"])] = rec
+    missing = [r for r in RUNS if r not in found]
+    if missing:
+        raise SystemExit(f"{path} has no line for {missing}: run `python benchmarks/models_table.py --run`")
+    return [found[r] for r in RUNS]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _quality(q: dict) -> str:
+    return ", ".join(_pct(q[k]) for k in QUALITY)
+
+
+def _verdict(value: float, target: float) -> str:
+    return "met" if value >= target else f"**unmet**, {target / value:.1f}x short"
+
+
+def render(records: list[dict]) -> str:
+    """The Markdown table and the targets' verdicts of ``records``."""
+    head = ("| model, data | curvefit spectra/s | sheap warm | cold, empty cache | cold, cache filled | x curvefit: warm / cold / "
+            "cold, cache filled | compilation per worker, s: empty cache / filled | left the batched solve: restarts / absorbers / "
+            "fallback (their share of warm time) | quality, sheap on all / sheap on curvefit's sample / curvefit: "
+            "redchi2 < 1.2, broad FWHM, [OIII] flux within 10% |")
+    lines = [head, "|" + "---|" * 9]
+    verdicts = []
+    for r in records:
+        s, c, same = r["sheap"], r["curvefit"], r["sheap_quality_on_curvefit_sample"]
+        name = {"user": "user `sd.Model` (plain jnp)", "region": '`region("hbeta", host=False)`'}[r["model"]]
+        seconds = lambda xs: ", ".join(f"{x:.1f}" for x in xs)
+        lines.append(
+            f"| {name}, {r['data']} | {c['spectra_per_s']:.1f} ({c['n_spectra']} spectra) | {s['spectra_per_s_warm']:.1f} | "
+            f"{s['spectra_per_s_cold']:.1f} | {s['spectra_per_s_cold_cache_filled']:.1f} | {r['speedup_warm']:.1f}x / "
+            f"{r['speedup_cold']:.1f}x / {r['speedup_cold_cache_filled']:.1f}x | {seconds(s['compile_seconds_per_worker'])} / "
+            f"{seconds(s['compile_seconds_per_worker_cache_filled'])} | "
+            f"{_pct(s['share_restarted'])} / {_pct(s['share_absorber_refits'])} / {_pct(s['share_fallback'])} "
+            f"({_pct(s['share_of_time_restarts'])} / {_pct(s['share_of_time_absorbers'])} / {_pct(s['share_of_time_fallback'])}) | "
+            f"{_quality(s)} / {_quality(same)} / {_quality(c)} |"
+        )
+        warm_t, cold_t = TARGETS[r["model"]]
+        worse = [k for k in QUALITY if same[k] < c[k]]  # on the same spectra
+        compile_s = max(s["compile_seconds_per_worker"])
+        verdicts.append(
+            f"- {name}, {r['data']} data: warm {r['speedup_warm']:.1f}x curvefit (target {warm_t:.0f}x): "
+            f"{_verdict(r['speedup_warm'], warm_t)}; cold {r['speedup_cold']:.1f}x (target {cold_t:.0f}x): "
+            f"{_verdict(r['speedup_cold'], cold_t)}; quality at least curvefit's on the same spectra: "
+            + ("met" if not worse else "**unmet** (" + ", ".join(f"{LABEL[k]} {_pct(same[k])} vs {_pct(c[k])}" for k in worse) + ")")
+            + f"; compilation with an empty cache {compile_s:.1f} s per worker (target <= {COMPILE_TARGET_S:.0f} s): "
+            f"{'met' if compile_s <= COMPILE_TARGET_S else '**unmet**'}, with the cache filled "
+            f"{max(s['compile_seconds_per_worker_cache_filled']):.1f} s; chunks that compiled after the first: {s['recompiling_chunks_warm']}."
+        )
+    r0 = records[0]
+    footer = (f"{r0['n_spectra']} spectra, chunks of {r0['chunk']}, `LocalCluster(n_workers={r0['workers']}, threads_per_worker=1)`, "
+              f"{r0['cpus']} cores ({r0['machine']}, shared with other jobs), {r0['jax_device']}, JAX {r0['jax']}, Python {r0['python']}. "
+              f"curvefit runs in the same invocation on the same cluster on the first {r0['curvefit']['n_spectra']} spectra "
+              "(its rate is per spectrum; speed-ups are rates' ratios). Compilation per worker = the first chunk's seconds "
+              "minus a warm chunk's. Command: `python benchmarks/models_table.py --run` (each row: `python "
+              "benchmarks/bench_models.py --model user|region --data matched|mismatched`), recorded in "
+              "`benchmarks/results/models.jsonl`.")
+    return "\n".join([*lines, "", footer, "", *verdicts])
+
+
+def readme_with_table(readme: str, table: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
+    start, stop = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[:start] + "\n" + table + "\n" + readme[stop:]
+
+
+def run_all(extra: list[str]) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    lines = []
+    for model, data in RUNS:
+        cmd = [sys.executable, str(HERE / "bench_models.py"), "--model", model, "--data", data, *extra]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
+        print(out, flush=True)
+        lines.append(out)
+    RESULTS.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", action="store_true", help="run the four benchmarks first and record their lines")
+    ap.add_argument("--write-readme", action="store_true", help="write the table into README.md (implied by --run)")
+    args, extra = ap.parse_known_args()
+    if args.run:
+        run_all(extra)
+    table = render(load())
+    if args.run or args.write_readme:
+        README.write_text(readme_with_table(README.read_text(), table))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
