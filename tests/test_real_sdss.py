@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import json
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
 
 import sheap_dask as sd
+from sheap_dask.quality import Quality
 from sheap_dask.status import Status
 
 pytestmark = pytest.mark.slow
 
 OK = (int(Status.CONVERGED), int(Status.CONVERGED_AFTER_FALLBACK))
 RM017_BOSS_PLATES = (6717, 7338, 7339)  # 2-arcsec BOSS fibres; plate 1325 is the 2003 SDSS-I epoch (3 arcsec)
+#: log lambda L5100 < 44.1 under strong starlight (issue 14): their broad H-beta is weak next to the host
+LOW_LUMINOSITY_HOSTS = {"spec-0280-51612-0117", "spec-1599-53089-0469", "spec-0332-52367-0639"}
 
 
 def spec_files(root):
@@ -106,7 +110,13 @@ def test_hbeta_quasars(hbeta, spectra):
     assert np.isin(status, OK).all(), dict(zip(label, status))
     assert (q.redchi2.values < 3.0).all(), dict(zip(label, q.redchi2.values.round(2)))
     fwhm = q.sheap.fwhm("hbeta_broad").values
-    assert ((fwhm > 1000.0) & (fwhm < 15000.0)).all(), dict(zip(label, fwhm.round(0)))
+    detected = q.line_detected.sel(line="hbeta_broad").values
+    # an undetected broad line has no width (NaN) and says so in its quality bit; that is
+    # allowed only in the low-luminosity quasars under strong starlight (issue 14)
+    assert set(label[~detected]) <= LOW_LUMINOSITY_HOSTS, dict(zip(label, detected))
+    assert np.all(q.quality.values[~detected] & Quality.BROAD_LINE_UNDETECTED)
+    assert np.isnan(fwhm[~detected]).all()
+    assert ((fwhm[detected] > 1000.0) & (fwhm[detected] < 15000.0)).all(), dict(zip(label, fwhm.round(0)))
     # [OIII] 5007/4959 is the tie (Storey & Zeippen 2000), core + wing, to float precision
     ratio = q.sheap.flux("oiii5007").values / q.sheap.flux("oiii4959").values
     np.testing.assert_allclose(ratio, 2.98, rtol=1e-6)  # measured on a 2001-point grid
@@ -119,7 +129,8 @@ def test_hbeta_quasars(hbeta, spectra):
     lum = q.sheap.luminosity(5100, log=True).values
     mass = q.sheap.bh_mass("vp06_hbeta").values
     assert ((lum > 42.0) & (lum < 47.0)).all(), dict(zip(label, lum.round(2)))
-    assert ((mass > 6.0) & (mass < 10.5)).all(), dict(zip(label, mass.round(2)))
+    assert ((mass[detected] > 6.0) & (mass[detected] < 10.5)).all(), dict(zip(label, mass.round(2)))
+    assert np.isnan(mass[~detected]).all()
 
 
 def test_rm017_oiii_constant_broad_hbeta_varies(hbeta):
@@ -225,3 +236,84 @@ def test_oiii_wing_model():
     assert (init[ok, i("oiii5007_wing_flux")] > 0).all()
     assert (init[ok, i("oiii5007_wing_shift")] < init[ok, i("oiii5007_shift")]).all()
     np.testing.assert_allclose(init[:, i("oiii5007_wing_flux")], 2.98 * init[:, i("oiii4959_wing_flux")], rtol=1e-12)
+
+
+def test_committed_table_matches_a_fresh_fit(spectra, hbeta, halpha, mgii):
+    """The README's and docs/'s real-spectra table (``examples/real_sdss.py --update-docs``)
+    is what the code produces now: every value within 2% or half its error of the committed
+    one, the same detections and statuses. Regenerate the table when a change moves it."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("real_sdss_example", repo / "examples" / "real_sdss.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = {}
+    for name, fits in (("hbeta", hbeta), ("halpha", halpha), ("mgii", mgii)):
+        model = sd.models.region(name, **example.REGIONS[name][0])
+        results[name] = (fits, sd.models.covering_spectra(spectra, model))
+    fresh = example.parse_table(example.markdown_table(example.table_rows(spectra, results)))
+    committed_text = (repo / "docs" / "real_sdss_table.md").read_text()
+    assert committed_text in (repo / "README.md").read_text(), "README's table differs from docs/real_sdss_table.md"
+    committed = example.parse_table(committed_text.split("\n\nOther formats")[0])
+    assert [r["spectrum"] for r in fresh] == [r["spectrum"] for r in committed]
+    drift = []
+    for new, old in zip(fresh, committed):
+        for key in example.COLUMNS:
+            a, b, err = new[key], old[key], old[key + "_err"]
+            tol = max(0.02 * abs(b), 0.5 * err if np.isfinite(err) else 0.0, 10.0 ** -example.COLUMNS[key])
+            same_nan = np.isnan(a) == np.isnan(b)
+            if not same_nan or (np.isfinite(b) and abs(a - b) > tol) or new[f"detected_{key}"] != old[f"detected_{key}"]:
+                drift.append((new["spectrum"], key, b, a))
+        if new["status"] != old["status"]:
+            drift.append((new["spectrum"], "status", old["status"], new["status"]))
+    assert not drift, f"committed table drifted (spectrum, column, committed, now): {drift}"
+
+
+def test_broad_widths_stable_under_perturbed_starts(spectra, client, hbeta):
+    """Detected broad H-beta widths under other starts of the broad components (widths x0.6-1.6,
+    shifts +-300 km/s, fluxes x0.5-2; five draws, the last also with a 10x tighter convergence
+    tolerance): at least 80% of the quasars keep their width within its error in every draw,
+    and no draw that moves a width finds a clearly better solution there (objective lower by
+    more than 4, i.e. more than 2 sigma for one parameter) than the default start. The others
+    have a second minimum of about the same objective at another width (README, "What the
+    numbers say")."""
+    model = sd.models.region("hbeta", oiii_wing=True)
+    idx = sd.models.covering_spectra(spectra, model)
+    sub = spectra.isel(spectrum=idx).chunk({"spectrum": idx.size})
+    q = is_qso(hbeta) & hbeta.line_detected.sel(line="hbeta_broad").values
+    ref = hbeta.sheap.fwhm("hbeta_broad", errors=True)
+    ref_fwhm, ref_err = ref["fwhm_hbeta_broad"].values, ref["fwhm_hbeta_broad_err"].values
+    broad = [p for p in model.params.free_names if p.startswith("hbeta_broad")]
+    lower, upper = model.params.lower, model.params.upper
+    rng = np.random.default_rng(11)
+    widths, objectives = [], []
+    for trial in range(5):
+        init = {}
+        for p in broad:
+            i = model.params.index(p)
+            value = hbeta.params.sel(param=p).values
+            if p.endswith("_fwhm"):
+                value = value * rng.uniform(0.6, 1.6, value.size)
+            elif p.endswith("_shift"):
+                value = value + rng.uniform(-300.0, 300.0, value.size)
+            else:
+                value = value * rng.uniform(0.5, 2.0, value.size)
+            span = upper[i] - lower[i]
+            value = np.clip(value, lower[i] + 0.02 * span, upper[i] - 0.02 * span)
+            init[p] = xr.DataArray(value, dims="spectrum")
+        tolerance = {"sheap_dask.convergence.rtol": 0.1 * dask.config.get("sheap_dask.convergence.rtol")} if trial == 4 else {}
+        with dask.config.set(tolerance):
+            fits = sd.fit_dataset(sub, model, client=client, progress=False, init=init).compute()
+        fits.sheap.use(spectra=spectra.isel(spectrum=idx))
+        widths.append(fits.sheap.fwhm("hbeta_broad").values)
+        objectives.append(fits.loss.values)
+    widths, objectives = np.array(widths), np.array(objectives)
+    off = np.abs(widths - ref_fwhm[None]) > np.maximum(ref_err[None], 0.02 * ref_fwhm[None])
+    label = text(hbeta.specname.values)
+    moved = {label[i]: widths[:, i].round(0).tolist() for i in np.flatnonzero(q & off.any(0))}
+    assert len(moved) <= 0.2 * q.sum(), f"broad H-beta FWHM moved beyond its error (reference {dict(zip(label, ref_fwhm.round(0)))}): {moved}"
+    # a draw that moved the width must not have found a clearly better fit there
+    better = off & ((hbeta.loss.values[None] - objectives) > 4.0) & q[None]
+    assert not better.any(), {label[i]: (objectives[:, i] - hbeta.loss.values[i]).round(1).tolist() for i in np.flatnonzero(better.any(0))}
