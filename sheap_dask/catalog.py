@@ -134,7 +134,9 @@ def _covering(ds: xr.Dataset, model, *, dim: str, flux: str, ivar: str, redshift
 def _text(values) -> np.ndarray:
     """Plain ``str`` (zarr v3 returns strings as numpy's StringDType or objects)."""
     values = np.asarray(values)
-    return values.astype(str) if values.dtype.kind in "OUT" or values.dtype.kind not in "biufcmM" else values
+    if values.dtype.kind in "biufcmM":
+        return values
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values.ravel()], dtype=str).reshape(values.shape)
 
 
 # --------------------------------------------------------------------------------------
@@ -248,6 +250,8 @@ def fit_catalog(
         if name not in ds.variables:
             raise InputDataError(f"{arg}={name!r} is not a variable of ds (variables: {sorted(map(str, ds.variables))}); "
                                  f"pass {arg}=<its name>.")
+    if dim not in ds.coords:  # positions as the spectrum label: each region's fits name the rows they hold
+        ds = ds.assign_coords({dim: np.arange(ds.sizes[dim])})
     models = catalog_regions(regions, region_options)
     ct.fiducial_rule(fiducial)  # validated before any work
     if width_sigma is None or not float(width_sigma) > 0:
@@ -489,6 +493,8 @@ def _assemble(spec: _Spec, results: Mapping[str, Any]) -> xr.Dataset:
             regions[name]["fit_fingerprint"] = fit_attrs.get("sheap_fit_fingerprint")
     cat.attrs = {
         "title": "sheap_dask quasar catalogue",
+        "sheap_accessor": "import sheap_dask, then cat.sheap.plot_object(i), plot_overview(), to_fits(path), to_parquet(path), "
+                          "to_csv(path), status_names('<region>_status')",
         "Conventions": "CF-1.10",
         "sheap_store": "catalog",
         "sheap_version": __version__,

@@ -306,11 +306,15 @@ class SheapAccessor:
     # ------------------------------------------------------------------------------------
     # plotting
     # ------------------------------------------------------------------------------------
-    def plot(self, spectrum: int = 0, *, spectra: xr.Dataset | None = None, ax=None, components: bool = True):
-        """Plot one spectrum: data, total model, each component, and a residual panel.
+    def plot(self, spectrum: int = 0, *, spectra: xr.Dataset | None = None, ax=None, components: bool = True, legend: str = "outside"):
+        """Plot one spectrum: data, total model, continuum, each line, and a residual panel.
 
         Everything is drawn in the rest frame of the fit (rest wavelength, ``(1+z) f_obs``),
-        restricted to the model's window when it has one.
+        restricted to the model's window when it has one. Each line of
+        ``model.metadata["lines"]`` is drawn as its summed profile on top of the continuum (a
+        multi-Gaussian broad line as one curve), in colours distinct from the black total
+        model; the title names the object (spec name or J-name, else the spectrum label), z
+        and the reduced chi-square; the y axis carries the flux unit.
 
         Parameters
         ----------
@@ -321,17 +325,52 @@ class SheapAccessor:
         ax : pair of matplotlib Axes, optional
             ``(main, residual)`` axes to draw into; default a new Figure with both panels.
         components : bool
-            Draw each component (default True).
+            Also draw the single Gaussians of multi-Gaussian lines (thin, dotted).
+        legend : {"outside", "below", "inside", "none"}
+            Where the legend goes: right of the axes (default), below the residual panel,
+            inside the data panel, or nowhere.
 
         Returns
         -------
         matplotlib.figure.Figure
         """
-        return _plot.plot(self._link, spectrum, spectra=spectra, ax=ax, components=components)
+        return _plot.plot(self._link, spectrum, spectra=spectra, ax=ax, components=components, legend=legend)
+
+    def plot_object(self, spectrum: int, *, fits=None, spectra: xr.Dataset | None = None, components: bool = True):
+        """Catalogue only: one figure with every fitted region of one spectrum side by side.
+
+        Parameters
+        ----------
+        spectrum : int
+            Row of the catalogue (0-based position).
+        fits : mapping, optional
+            ``{region: fit result}``; default the fit stores of the catalogue store the
+            catalogue was opened from (``sd.open_catalog(path)``).
+        spectra : xarray.Dataset, optional
+            The input spectra; default the store named in ``attrs["sheap_input"]``.
+        components : bool
+            Also draw the single Gaussians of multi-Gaussian lines.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+        """
+        return _plot.plot_object(self._ds, spectrum, fits=fits, spectra=spectra, components=components)
+
+    def plot_overview(self):
+        """Catalogue only: FWHM against continuum luminosity per broad line coloured by the
+        fiducial log M_BH, and the fiducial-mass distribution by recipe (a Figure)."""
+        return _plot.plot_overview(self._ds)
 
     # ------------------------------------------------------------------------------------
     # fit status
     # ------------------------------------------------------------------------------------
+    def status_names(self, variable: str = "status") -> xr.DataArray:
+        """``variable`` (``status``, or a catalogue's ``<region>_status``) decoded to its names
+        (``converged``, ``no_data``, ...) from its CF ``flag_values``/``flag_meanings``, as a
+        string DataArray along the spectrum dimension (``.to_series().value_counts()`` counts them)."""
+        return _summary.status_names(self._ds, variable)
+
     def status_counts(self):
         """Number of spectra per status (pandas Series indexed by status name, every status listed)."""
         return _summary.status_counts(self._ds)

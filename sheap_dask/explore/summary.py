@@ -9,7 +9,32 @@ import xarray as xr
 
 from ..status import Status
 
-__all__ = ["ok", "status_counts", "summary"]
+__all__ = ["ok", "status_counts", "status_names", "summary"]
+
+
+def status_names(ds: xr.Dataset, variable: str = "status") -> xr.DataArray:
+    """``ds[variable]`` decoded to names from its CF ``flag_values``/``flag_meanings`` (the
+    :class:`~sheap_dask.status.Status` names when it has none); ``unknown_<code>`` otherwise."""
+    from ..errors import InputDataError
+
+    if variable not in ds:
+        options = sorted(str(v) for v in ds.data_vars if str(v) == "status" or str(v).endswith("_status"))
+        raise InputDataError(f"variable={variable!r} is not in this Dataset; status variables here: {options or 'none'}.")
+    var = ds[variable]
+    values, meanings = var.attrs.get("flag_values"), var.attrs.get("flag_meanings")
+    if values is not None and meanings:
+        table = dict(zip((int(v) for v in np.atleast_1d(values)), str(meanings).split()))
+    else:
+        table = {s.value: s.meaning for s in Status}
+
+    def decode(codes):
+        codes = np.asarray(codes).astype(int)
+        out = np.array([table.get(int(c), f"unknown_{int(c)}") for c in codes.ravel()], dtype=object)
+        return out.reshape(codes.shape).astype(str)
+
+    names = xr.apply_ufunc(decode, var, dask="parallelized", output_dtypes=[str])
+    names.attrs = {"long_name": f"{var.attrs.get('long_name', variable)} (names)"}
+    return names.rename(f"{variable}_name")
 
 
 def status_counts(ds: xr.Dataset):

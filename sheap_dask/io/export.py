@@ -64,8 +64,8 @@ def catalog_columns(cat: xr.Dataset, dim: str | None = None) -> list[tuple[str, 
     for name in names:
         var = cat[name]
         values = np.asarray(var.values)
-        if values.dtype.kind not in "biufc":  # zarr v3 strings, objects -> plain text
-            values = values.astype(str)
+        if values.dtype.kind not in "biufc":  # zarr v3 strings (StringDType), objects -> plain text
+            values = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values.ravel()], dtype=str).reshape(values.shape)
         out.append((name, values, dict(var.attrs)))
     return out
 
