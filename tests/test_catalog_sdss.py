@@ -1,0 +1,67 @@
+"""The committed catalogue of the SDSS spectra (docs/catalog_table.md, made by
+examples/catalog_sdss.py) against a fresh run: one slow test on a LocalCluster."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("catalog_sdss", REPO / "examples" / "catalog_sdss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cells(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if line.startswith("| ")]
+
+
+def assert_tables_agree(fresh: str, committed: str) -> None:
+    """Same rows, same words; each number within 2 units of its last printed digit (float
+    round-off between runs may move a rounded digit, nothing more)."""
+    a, b = _cells(fresh), _cells(committed)
+    assert len(a) == len(b), f"{len(a)} rows now, {len(b)} committed"
+    for row_a, row_b in zip(a, b):
+        assert len(row_a) == len(row_b), row_b[0]
+        for x, y in zip(row_a, row_b):
+            assert NUMBER.sub("#", x) == NUMBER.sub("#", y), (row_b[0], x, y)
+            for u, v in zip(NUMBER.findall(x), NUMBER.findall(y)):
+                digits = len(v.split(".")[1]) if "." in v else 0
+                assert abs(float(u) - float(v)) <= 2 * 10.0**-digits, (row_b[0], x, y)
+
+
+def test_assert_tables_agree_catches_a_change():
+    base = "| spec-1 | 0.4560 | hbeta | 2684 ± 106 | 7.98 ± 0.04 |"
+    assert_tables_agree(base, base)
+    assert_tables_agree(base.replace("7.98", "7.99"), base)  # one rounded digit
+    for changed in (base.replace("7.98", "8.03"), base.replace("hbeta", "mgii"), base.replace("2684", "–")):
+        with pytest.raises(AssertionError):
+            assert_tables_agree(changed, base)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_committed_catalog_table_matches_a_fresh_run(shared_spectra, tmp_path):
+    from distributed import Client
+
+    import sheap_dask as sd
+
+    example = _example()
+    with sd.start_local_cluster(2, 1, dashboard_address=":0") as cluster, Client(cluster) as client:
+        cat = example.make_catalog(shared_spectra, tmp_path, client)
+    assert cat.sizes["spectrum"] == len(example.spec_files(shared_spectra)) == 19
+    fresh = example.table_markdown(cat)
+    committed = (REPO / "docs" / "catalog_table.md").read_text(encoding="utf-8")
+    assert_tables_agree(fresh, committed)
+    # the header line (counts of regions and fiducial masses) is regenerated too
+    assert NUMBER.findall(fresh.splitlines()[2])[:6] == NUMBER.findall(committed.splitlines()[2])[:6]
+    assert np.isfinite(cat["log_mbh"].values).sum() >= 14
