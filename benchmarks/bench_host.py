@@ -12,7 +12,9 @@ chunk by chunk (a change of the machine's load hits both alike). Prints one JSON
   0.1 of the truth and whose broad H-beta FWHM is within 10% (target >= 0.9 each), and the
   same FWHM figure without the host for comparison.
 
-Run: ``python benchmarks/bench_host.py [--n 400] [--chunk 100]``.
+Run: ``python benchmarks/bench_host.py [--n 400] [--chunk 100] [--record]``; ``--record``
+appends the line to ``benchmarks/results/host.jsonl``, which ``scripts/validate_host.py``
+renders into the README (the last line).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=400)
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--record", action="store_true", help="append the line to benchmarks/results/host.jsonl")
     args = ap.parse_args()
     ds = sd.synthetic.synthetic_spectra(args.n, seed=args.seed, host=True, masked_fraction=0.0, n_all_nan=0)
     truth = ds.true_params
@@ -81,6 +84,11 @@ def main() -> None:
             record["frac_host_5100_median_abs_error"] = round(float(np.median(err[ok])), 3)
     record["cost_ratio"] = round(record["spectra_per_s_host_off"] / record["spectra_per_s_host_on"], 2)
     print(json.dumps(record))
+    if args.record:
+        from pathlib import Path
+
+        with open(Path(__file__).resolve().parent / "results" / "host.jsonl", "a") as out:
+            out.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,24 @@ from sheap_dask.models import host as mhost
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_readme_host_table_is_the_recorded_validation():
+    """The README's before/after table is what scripts/validate_host.py renders from its record
+    (benchmarks/results/host_validation.jsonl): rerun it with --record when the fits change."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_host", REPO / "scripts" / "validate_host.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = script.load()
+    assert {(r["region"], r["host"]) for r in rows} == {(reg, h) for reg in script.REGIONS for h in (False, True)}
+    assert {r["spectrum"] for r in rows} == set(script.QUASARS) | set(script.GALAXIES)
+    readme = (REPO / "README.md").read_text()
+    block = readme.split(script.BEGIN)[1].split(script.END)[0]
+    assert block.strip() == script.render_all().strip()
+    bench = script.load(script.BENCH_RECORD)[-1]
+    assert bench["benchmark"] == "host" and 0 < bench["cost_ratio"] < 10
+
+
 # -- templates --------------------------------------------------------------------------------
 def test_builtin_templates_provenance_and_normalisation():
     t = mhost.sdss_templates()
