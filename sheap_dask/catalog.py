@@ -339,7 +339,15 @@ def _sub(spec: _Spec, name: str) -> xr.Dataset:
     return sub
 
 
+#: the variables of a fit result that catalog_table.region_table reads
+TABLE_INPUTS = ("params", "params_mc", "params_cov", "params_err", "status", "quality", "redchi2", "n_iter", "method", "n_masked",
+                "at_bound", "line_detected")
+
+
 def _region_table(spec: _Spec, name: str, fits: xr.Dataset) -> xr.Dataset:
+    """The region's catalogue columns, lazy when ``fits`` is: one task per chunk (the whole
+    table of a chunk computed in numpy on the worker) rather than a graph of every column's
+    operations (thousands of tiny tasks that cost more than the measurement)."""
     from .derived.catalog import region_plan
 
     model = spec.models[name]
@@ -348,8 +356,37 @@ def _region_table(spec: _Spec, name: str, fits: xr.Dataset) -> xr.Dataset:
     plan = region_plan(model, wavelengths=CONTINUUM_WAVELENGTHS.get(str(base), CONTINUUM_WAVELENGTHS.get(name, ())))
     index = xr.DataArray(spec.positions[name].astype(np.uint32), dims=(spec.dim,), coords={spec.dim: fits[spec.dim].values})
     o = spec.options
-    return ct.region_table(fits, model, name, plan, flux_unit=spec.flux_unit, H0=o["H0"], Om0=o["Om0"], index=index,
-                           n_samples=o["n_samples"], seed=o["seed"], redshift=spec.redshift)
+    options = {"model": model, "region": name, "plan": plan, "flux_unit": spec.flux_unit, "H0": o["H0"], "Om0": o["Om0"],
+               "n_samples": o["n_samples"], "seed": o["seed"], "redshift": spec.redshift}
+    source = fits[[v for v in TABLE_INPUTS if v in fits]]
+    if not source["params"].chunks:
+        return _table_block(source.assign(_index=index), **options)
+    chunks = source["params"].chunksizes[spec.dim]
+    template = _template(_table_block(source.isel({spec.dim: [0]}).assign(_index=index[:1]).compute(), **options),
+                         source[spec.dim], chunks)
+    source = source.assign(_index=index.chunk({spec.dim: chunks}))
+    return xr.map_blocks(_table_block, source, kwargs=options, template=template)
+
+
+def _template(row: xr.Dataset, labels: xr.DataArray, chunks) -> xr.Dataset:
+    """The lazy shape of a region's table from one computed row (building the table's own lazy
+    graph to learn its structure costs more than measuring a row)."""
+    import dask.array as da
+
+    dim = labels.dims[0]
+    out = {}
+    for name, var in row.data_vars.items():
+        out[name] = xr.Variable(var.dims, da.empty((labels.size, *var.shape[1:]), dtype=var.dtype, chunks=(chunks, *var.shape[1:])),
+                                var.attrs)
+    return xr.Dataset(out, coords={dim: labels.values})
+
+
+def _table_block(block: xr.Dataset, *, model, region, plan, flux_unit, H0, Om0, n_samples, seed, redshift):
+    """Worker side: one chunk of a region's fits -> its catalogue columns (in memory)."""
+    index = block["_index"]
+    table = ct.region_table(block.drop_vars("_index"), model, region, plan, flux_unit=flux_unit, H0=H0, Om0=Om0, index=index,
+                            n_samples=n_samples, seed=seed, redshift=redshift)
+    return table.compute()
 
 
 def _fit_one(spec: _Spec, name: str, client, store, resume, force, so, flux, ivar, tick) -> xr.Dataset:
