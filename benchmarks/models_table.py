@@ -6,7 +6,7 @@ pair, as printed. This script renders them into the Markdown table between
 with each issue-15 target marked met or not and by how much; ``tests/test_benchmarks.py``
 checks that the README holds exactly what this renders from the recorded lines.
 
-    python benchmarks/models_table.py --run           # run the four benchmarks (~15 min), record, write
+    python benchmarks/models_table.py --run           # profile, run the four benchmarks (~25 min), record, write
     python benchmarks/models_table.py --write-readme  # re-render the README from the recorded lines
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "models.jsonl"
+PROFILE = HERE / "results" / "profile_models.jsonl"
 README = HERE.parent / "README.md"
 BEGIN, END = "<!-- generated:models-table -->", "<!-- /generated:models-table -->"
 RUNS = [("user", "matched"), ("user", "mismatched"), ("region", "matched"), ("region", "mismatched")]
@@ -43,6 +44,43 @@ def load(path: Path = RESULTS) -> list[dict]:
     return [found[r] for r in RUNS]
 
 
+def load_profile(path: Path = PROFILE) -> list[dict]:
+    """The recorded lines of ``profile_models.py``, in RUNS order."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            found[(rec["model"], rec["data"])] = rec
+    return [found[r] for r in RUNS if r in found]
+
+
+def render_profile(records: list[dict]) -> str:
+    """Where a warm chunk's time goes, per model, and the A/B comparisons."""
+    if not records:
+        return ""
+    lines = [("| model, data | warm chunk, s (spectra/s, one core) | LM solves / float64 post-processing / fallback / rest, s "
+             "(restarts, absorber re-solves within them) | restarted / absorber re-solves / fallback per chunk | "
+             "compilation, first chunk, empty cache, s (largest programs) | warm chunk by LM lanes: 12 / 4, s | "
+             "post-processing ms per spectrum: vmapped / one row after another |"), "|" + "---|" * 7]
+    for r in records:
+        w = r["warm_split_seconds"]
+        progs = sorted(r["compile_seconds_by_program"].items(), key=lambda kv: -kv[1])[:3]
+        lanes, post = r["warm_chunk_seconds_by_lanes"], r["post_ms_per_spectrum"]
+        counts = " / ".join(f"{x:g}" for x in r["per_chunk_restarted_absorber_refits_fallback"])
+        lines.append(
+            f"| {r['model']}, {r['data']} | {r['warm_chunk_seconds']:.2f} ({r['spectra_per_s_one_core']:.0f}/s) | "
+            f"{w['solve']:.2f} / {w['post_float64']:.2f} / {w['fallback']:.2f} / {w['other']:.2f} "
+            f"({' / '.join(f'{x:.2f}' for x in r['within_them_restarts_absorbers_seconds'])}) | {counts} | "
+            f"{r['first_chunk_seconds_empty_cache']:.1f} ({', '.join(f'{k} {v:.1f}' for k, v in progs)}) | "
+            f"{lanes['12']:.2f} / {lanes['4']:.2f} | {post['vmap']:.2f} / {post['lax_map']:.2f} |"
+        )
+    r0 = records[0]
+    lines += ["", (f"Chunks of {r0['chunk']}, one process with a worker's environment (one XLA thread), no Dask; "
+              "`python benchmarks/profile_models.py`, recorded in `benchmarks/results/profile_models.jsonl`. "
+              "The A/B columns are measured interleaved in the same process (best of the repeats).")]
+    return "\n".join(lines)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -55,8 +93,8 @@ def _verdict(value: float, target: float) -> str:
     return "met" if value >= target else f"**unmet**, {target / value:.1f}x short"
 
 
-def render(records: list[dict]) -> str:
-    """The Markdown table and the targets' verdicts of ``records``."""
+def render(records: list[dict], profile: list[dict] | None = None) -> str:
+    """The Markdown tables and the targets' verdicts of ``records`` (and the profile's lines)."""
     head = ("| model, data | curvefit spectra/s | sheap warm | cold, empty cache | cold, cache filled | x curvefit: warm / cold / "
             "cold, cache filled | compilation per worker, s: empty cache / filled | left the batched solve: restarts / absorbers / "
             "fallback (their share of warm time) | quality, sheap on all / sheap on curvefit's sample / curvefit: "
@@ -96,7 +134,10 @@ def render(records: list[dict]) -> str:
               "minus a warm chunk's. Command: `python benchmarks/models_table.py --run` (each row: `python "
               "benchmarks/bench_models.py --model user|region --data matched|mismatched`), recorded in "
               "`benchmarks/results/models.jsonl`.")
-    return "\n".join([*lines, "", footer, "", *verdicts])
+    out = [*lines, "", footer, "", *verdicts]
+    if profile:
+        out += ["", "Where the time goes:", "", render_profile(profile)]
+    return "\n".join(out)
 
 
 def readme_with_table(readme: str, table: str) -> str:
@@ -108,6 +149,8 @@ def readme_with_table(readme: str, table: str) -> str:
 
 def run_all(extra: list[str]) -> None:
     RESULTS.parent.mkdir(exist_ok=True)
+    out = subprocess.run([sys.executable, str(HERE / "profile_models.py")], check=True, stdout=subprocess.PIPE, text=True).stdout
+    PROFILE.write_text("\n".join(line for line in out.splitlines() if line.startswith("{")) + "\n")
     lines = []
     for model, data in RUNS:
         cmd = [sys.executable, str(HERE / "bench_models.py"), "--model", model, "--data", data, *extra]
@@ -124,7 +167,7 @@ def main() -> None:
     args, extra = ap.parse_known_args()
     if args.run:
         run_all(extra)
-    table = render(load())
+    table = render(load(), load_profile())
     if args.run or args.write_readme:
         README.write_text(readme_with_table(README.read_text(), table))
     print(table)
