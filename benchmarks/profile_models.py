@@ -36,7 +36,6 @@ def _worker_environment() -> None:
     from sheap_dask.cluster import _NANNY_ENVIRON, _worker_env
 
     os.environ.update({**_worker_env(1), **_NANNY_ENVIRON})
-    os.environ["DASK_SHEAP_DASK__WORKER__COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="sheap_profile_cache_")
 
 
 class _CompileLog(logging.Handler):
@@ -171,6 +170,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["user", "region"], default=None, help="one model (default both)")
     ap.add_argument("--data", choices=["matched", "mismatched"], default=None, help="one kind of data (default both)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--record", default=None, help="also write the lines to this file (models_table.py --run: results/profile_models.jsonl)")
     args = ap.parse_args()
     if args.child:  # one (model, data) per process: an empty compile cache and clean counters
         print(json.dumps(profile(args.model, args.data, args.chunk, args.repeats)), flush=True)
@@ -178,11 +178,17 @@ def main() -> None:
     import subprocess
 
     _worker_environment()
+    lines = []
     for model in [args.model] if args.model else ["user", "region"]:
         for data in [args.data] if args.data else ["matched", "mismatched"]:
+            # an empty persistent compilation cache for each child
+            os.environ["DASK_SHEAP_DASK__WORKER__COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="sheap_profile_cache_")
             cmd = [sys.executable, __file__, "--child", "--model", model, "--data", data, "--chunk", str(args.chunk), "--repeats", str(args.repeats)]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=os.environ).stdout.strip().splitlines()[-1]
             print(out, flush=True)
+            lines.append(out)
+    if args.record:
+        Path(args.record).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
