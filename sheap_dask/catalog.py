@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -344,10 +345,13 @@ TABLE_INPUTS = ("params", "params_mc", "params_cov", "params_err", "status", "qu
                 "at_bound", "line_detected")
 
 
-def _region_table(spec: _Spec, name: str, fits: xr.Dataset) -> xr.Dataset:
-    """The region's catalogue columns, lazy when ``fits`` is: one task per chunk (the whole
-    table of a chunk computed in numpy on the worker) rather than a graph of every column's
-    operations (thousands of tiny tasks that cost more than the measurement)."""
+def _region_table(spec: _Spec, name: str, fits: xr.Dataset, client=None) -> xr.Dataset:
+    """The region's catalogue columns, in memory: one task per chunk of ``fits`` that computes
+    the chunk's whole table in numpy on a worker (a graph of every column's operations would be
+    thousands of tiny tasks that cost more than the measurement); the chunks' tables are then
+    put together here."""
+    import dask
+
     from .derived.catalog import region_plan
 
     model = spec.models[name]
@@ -358,27 +362,19 @@ def _region_table(spec: _Spec, name: str, fits: xr.Dataset) -> xr.Dataset:
     o = spec.options
     options = {"model": model, "region": name, "plan": plan, "flux_unit": spec.flux_unit, "H0": o["H0"], "Om0": o["Om0"],
                "n_samples": o["n_samples"], "seed": o["seed"], "redshift": spec.redshift}
-    source = fits[[v for v in TABLE_INPUTS if v in fits]]
+    source = fits[[v for v in TABLE_INPUTS if v in fits]].assign(_index=index)
     if not source["params"].chunks:
-        return _table_block(source.assign(_index=index), **options)
-    chunks = source["params"].chunksizes[spec.dim]
-    template = _template(_table_block(source.isel({spec.dim: [0]}).assign(_index=index[:1]).compute(), **options),
-                         source[spec.dim], chunks)
-    source = source.assign(_index=index.chunk({spec.dim: chunks}))
-    return xr.map_blocks(_table_block, source, kwargs=options, template=template)
+        return _table_block(source, **options)
+    bounds = np.concatenate([[0], np.cumsum(source["params"].chunks[0])])
+    shared = dask.delayed(options, pure=True, traverse=False)  # the model once in the graph, not per task
+    tasks = [dask.delayed(_table_block_shared, pure=True)(source.isel({spec.dim: slice(int(a), int(b))}), shared)
+             for a, b in itertools.pairwise(bounds)]
+    parts = dask.compute(*tasks) if client is None else client.gather(client.compute(tasks))
+    return xr.concat(parts, dim=spec.dim, data_vars="all", coords="minimal", compat="override", join="exact", combine_attrs="override")
 
 
-def _template(row: xr.Dataset, labels: xr.DataArray, chunks) -> xr.Dataset:
-    """The lazy shape of a region's table from one computed row (building the table's own lazy
-    graph to learn its structure costs more than measuring a row)."""
-    import dask.array as da
-
-    dim = labels.dims[0]
-    out = {}
-    for name, var in row.data_vars.items():
-        out[name] = xr.Variable(var.dims, da.empty((labels.size, *var.shape[1:]), dtype=var.dtype, chunks=(chunks, *var.shape[1:])),
-                                var.attrs)
-    return xr.Dataset(out, coords={dim: labels.values})
+def _table_block_shared(block: xr.Dataset, options: Mapping) -> xr.Dataset:
+    return _table_block(block, **options)
 
 
 def _table_block(block: xr.Dataset, *, model, region, plan, flux_unit, H0, Om0, n_samples, seed, redshift):
@@ -391,7 +387,6 @@ def _table_block(block: xr.Dataset, *, model, region, plan, flux_unit, H0, Om0, 
 
 def _fit_one(spec: _Spec, name: str, client, store, resume, force, so, flux, ivar, tick) -> xr.Dataset:
     """One region: fit its sub-selection, measure its table (in memory)."""
-    from .cluster import compute
     from .fit import fit_dataset
 
     t0 = time.perf_counter()
@@ -400,11 +395,7 @@ def _fit_one(spec: _Spec, name: str, client, store, resume, force, so, flux, iva
     fits = fit_dataset(_sub(spec, name), spec.models[name], client=client, store=store, resume=resume, force=force,
                        progress=False, n_mc=spec.options["n_mc"], dim=spec.dim, flux=flux, ivar=ivar, redshift=spec.redshift,
                        storage_options=so, **spec.options["fit_options"])
-    table = _region_table(spec, name, fits)
-    if client is None:
-        table = table.compute()
-    else:
-        table = compute(table, client, False)
+    table = _region_table(spec, name, fits, client)
     tick(name, time.perf_counter() - t0)
     return table, fits.attrs
 
@@ -424,20 +415,23 @@ def _fit_regions(spec: _Spec, client, progress, *, stores, resume, force, so, fl
         for name in names:
             results[name] = run(name)
     else:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="sheap-catalog") as pool:
-            futures = {name: pool.submit(contextvars.copy_context().run, run, name) for name in names}
-            try:
-                while not all(f.done() for f in futures.values()):
-                    bars.poll()
-                    concurrent.futures.wait(futures.values(), timeout=0.5, return_when=concurrent.futures.FIRST_EXCEPTION)
-                    if any(f.done() and f.exception() is not None for f in futures.values()):
-                        break
-            except BaseException:
-                for f in futures.values():
-                    f.cancel()
-                raise
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(names), thread_name_prefix="sheap-catalog")
+        futures = {name: pool.submit(contextvars.copy_context().run, run, name) for name in names}
+        try:
+            while not all(f.done() for f in futures.values()):
+                bars.poll()
+                concurrent.futures.wait(futures.values(), timeout=0.5, return_when=concurrent.futures.FIRST_EXCEPTION)
+                if any(f.done() and f.exception() is not None for f in futures.values()):
+                    break
             for name, f in futures.items():
-                results[name] = f.result()
+                results[name] = f.result()  # the first region that failed raises here
+        except BaseException:
+            # Ctrl-C or a failed region: return now; the caller closes the cluster, which ends
+            # the other regions' threads (their stores keep what is done, for a resume)
+            pool.shutdown(wait=False, cancel_futures=True)
+            bars.close()
+            raise
+        pool.shutdown(wait=True)
     bars.close()
     return results
 
