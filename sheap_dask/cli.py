@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--n-mc", type=_nonnegative_int("--n-mc"), default=None,
                    help="resampling Monte Carlo realizations per fit for the errors (DR16Q: 25; default from config: 0, covariance draws)")
     c.add_argument("--n-samples", type=_positive_int("--n-samples"), default=None, help="Monte Carlo draws per measurement (default 200)")
-    c.add_argument("--fiducial", default="dr16q",
+    c.add_argument("--fiducial", default="dr16q", type=_fiducial_arg,
                    help="fiducial black-hole mass: dr16q (H-beta z<0.8, MgII to 1.9, CIV above), a region or a recipe name")
     c.add_argument("--chunk", type=_positive_int("--chunk"), default=None, help="spectra per chunk of each region's fit")
     c.add_argument("--no-resume", action="store_true", help="replace the catalogue store instead of resuming it")
@@ -240,6 +240,17 @@ def _regions_arg(value: str) -> str:
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{value!r} names a region twice (e.g. --regions hbeta,mgii)")
     return ",".join(names)
+
+
+def _fiducial_arg(value: str) -> str:
+    from .catalog_table import fiducial_rule
+    from .errors import OptionError
+
+    try:
+        fiducial_rule(value)
+    except OptionError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace(f"fiducial={value!r}: use", f"{value!r}: use")) from None
+    return value
 
 
 def _ebv_arg(value: str):

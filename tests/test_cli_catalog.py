@@ -67,6 +67,7 @@ def test_catalog_arguments_are_checked(spectra_store, tmp_path, capsys):
                            (["--workers", "0"], "argument --workers: '0' is not an integer >= 1"),
                            (["--n-broad", "9"], "argument --n-broad: '9': the broad line has 1 to 4 Gaussians"),
                            (["--format", "xls"], "argument --format: invalid choice: 'xls'"),
+                           (["--fiducial", "hb"], "argument --fiducial: 'hb': use 'dr16q', a region (hbeta, halpha, mgii, civ)"),
                            (["--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"], "not allowed with argument")):
         with pytest.raises(SystemExit) as exc:
             main(base + extra)
