@@ -132,8 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_fit)
 
     c = sub.add_parser("catalog", help="a quasar catalogue: every region each spectrum covers, fitted and measured, one row per spectrum")
-    c.add_argument("input", help="input zarr store (path or fsspec URL) of spectra with flux, ivar, wavelength and redshift")
-    c.add_argument("output", help="the catalogue: a catalogue store (--format zarr, resumed when it exists) or a FITS/parquet/CSV file")
+    c.add_argument("paths", nargs="+", metavar="IN ... OUT",
+                   help="a zarr store of spectra (flux, ivar, wavelength, redshift) or SDSS spec files (ingested first into "
+                        "OUT's spectra store), then the catalogue: a catalogue store (--format zarr, resumed when it exists) or a "
+                        "FITS/parquet/CSV file")
+    c.add_argument("--spectra", default=None, help="where SDSS files given as IN are ingested (default OUT_STORE.spectra.zarr)")
     c.add_argument("--regions", default="auto", type=_regions_arg, help="auto (every built-in region) or a comma-separated list, e.g. hbeta,mgii")
     c.add_argument("--format", default="zarr", choices=["zarr", "fits", "parquet", "csv"], help="output format (default zarr: the catalogue store)")
     c.add_argument("--store", default=None,
@@ -459,6 +462,26 @@ def _covered(path: str, model, name: str):
     return sub.chunk({"spectrum": max(sub.chunksizes["spectrum"])}) if sub["flux"].chunks else sub
 
 
+def _catalog_input(inputs: list[str], spectra: str, args) -> str:
+    """The zarr store to catalogue: the one given, or the SDSS files given ingested into
+    ``spectra`` (resumed: a second run reuses it)."""
+    from .io import ingest_sdss, is_desi_file
+
+    if len(inputs) == 1 and not inputs[0].lower().endswith((".fits", ".fits.gz", ".fit")):
+        if args.spectra is not None:
+            raise ValueError(f"--spectra is where FITS files given as input are ingested; {inputs[0]!r} is a zarr store: drop --spectra")
+        return inputs[0]
+    not_fits = [p for p in inputs if not p.lower().endswith((".fits", ".fits.gz", ".fit"))]
+    if not_fits:
+        raise ValueError(f"inputs {not_fits[:3]} are not FITS files; give one zarr store, or SDSS spec files (*.fits)")
+    if is_desi_file(inputs[0]):
+        raise ValueError("DESI files need their redshift catalogue: run sheap-dask ingest FILES... OUT.zarr --redshifts Z.fits, "
+                         "then sheap-dask catalog OUT.zarr CATALOG")
+    ds = ingest_sdss(inputs, spectra, chunk=args.chunk or 256, resume=True, progress=not args.no_progress)
+    print(f"{spectra}: {ds.sizes.get('spectrum', 0)} spectra ingested from {len(inputs)} files")
+    return spectra
+
+
 def _cmd_catalog(args) -> int:
     import os
 
@@ -469,6 +492,10 @@ def _cmd_catalog(args) -> int:
     from .io import export
     from .models.regions import REGIONS
 
+    if len(args.paths) < 2:
+        raise ValueError("give the input (a zarr store or SDSS spec files) and then the output, e.g. "
+                         "sheap-dask catalog spectra.zarr catalog")
+    *inputs, args.output = args.paths
     names = list(REGIONS) if args.regions == "auto" else args.regions.split(",")
     region_options = {n: o for n in names if (o := _region_options(args, n, strict=False))}
     if args.format == "zarr":
@@ -481,9 +508,10 @@ def _cmd_catalog(args) -> int:
         if os.path.exists(args.output) and not args.overwrite:
             raise StoreExistsError(f"OUTPUT {args.output!r} exists; pass --overwrite to replace it (or a new path)")
     fit_options = {k: v for k, v in (("method", args.method), ("num_steps", args.num_steps), ("fallback", args.fallback)) if v is not None}
+    source = _catalog_input(inputs, args.spectra or f"{os.fspath(store).rstrip('/')}.spectra.zarr", args)
     with _cluster(args) as client:
         t0 = time.perf_counter()
-        cat = fit_catalog(args.input, args.regions, client=client, store=store, resume=not args.no_resume, force=args.force,
+        cat = fit_catalog(source, args.regions, client=client, store=store, resume=not args.no_resume, force=args.force,
                           n_mc=args.n_mc, n_samples=args.n_samples, region_options=region_options, fiducial=args.fiducial,
                           chunk_size=args.chunk, progress=not args.no_progress, fit_options=fit_options).load()
         elapsed = time.perf_counter() - t0

@@ -98,3 +98,22 @@ def test_fit_region_options(spectra_store, tmp_path, capsys):
         main(["fit", str(spectra_store), str(tmp_path / "o"), "--model", "hbta"])
     assert "argument --model: 'hbta' is not a built-in region; use one of hbeta" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_catalog_straight_from_sdss_files(shared_spectra, tmp_path, synchronous, capsys):
+    """One command from spec files to a catalogue file: the files are ingested first (into
+    OUT's spectra store, reused by a second run)."""
+    files = sorted(str(p) for p in (shared_spectra / "gelato_examples").glob("spec-*.fits"))
+    out = tmp_path / "cat.csv"
+    args = ["catalog", *files, str(out), "--regions", "hbeta", "--format", "csv", "--num-steps", "30", "--n-samples", "32",
+            "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    spectra = f"{out}.store.spectra.zarr"
+    assert f"{spectra}: {len(files)} spectra ingested from {len(files)} files" in text and f"written: {out} (csv)" in text
+    cat = sd.open_catalog(f"{out}.store")
+    assert cat.sizes["spectrum"] == len(files) and set(cat["specname"].values) == {p.split("/")[-1][:-5] for p in files}
+    assert cat.attrs["sheap_input"] == spectra
+    assert main([*args, "--overwrite"]) == 0  # resumed: the ingested store and the catalogue are reused
+    assert main(["catalog", files[0], "notes.txt", str(tmp_path / "x")]) == 1
+    assert "are not FITS files" in capsys.readouterr().err
