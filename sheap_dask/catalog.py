@@ -440,7 +440,7 @@ class _Bars:
     """A progress bar per region (chunks done, read from its fit store), or log lines."""
 
     def __init__(self, names, spec, stores, enabled):
-        self.stores, self.enabled, self.bars = stores, enabled, {}
+        self.stores, self.enabled, self.bars, self.finished = stores, enabled, {}, set()
         self.lock = threading.Lock()
         if enabled:
             from tqdm.auto import tqdm
@@ -456,6 +456,8 @@ class _Bars:
         from .store import store_progress
 
         for name, bar in self.bars.items():
+            if name in self.finished:  # its clock stops at "done in ..."
+                continue
             try:
                 p = store_progress(self.stores[name])
             except Exception:  # noqa: BLE001, S112 - not created yet
@@ -470,6 +472,7 @@ class _Bars:
         bar = self.bars.get(name)
         if bar is not None:
             with self.lock:
+                self.finished.add(name)
                 bar.n = bar.total
                 bar.set_postfix_str(f"done in {seconds:.1f} s")
                 bar.refresh()
