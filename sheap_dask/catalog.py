@@ -117,19 +117,27 @@ def _open_input(ds, storage_options) -> tuple[xr.Dataset, str | None]:
 
 
 def _covering(ds: xr.Dataset, model, *, dim: str, flux: str, ivar: str, redshift: str) -> np.ndarray:
-    """Positions of the spectra ``model`` can fit, block by block (:func:`sheap_dask.coverage.covering`)."""
+    """Positions of the spectra ``model`` can fit (:func:`sheap_dask.coverage.covering`)."""
+    return _covering_all(ds, {"m": model}, dim=dim, flux=flux, ivar=ivar, redshift=redshift)["m"]
+
+
+def _covering_all(ds: xr.Dataset, models: Mapping, *, dim: str, flux: str, ivar: str, redshift: str) -> dict[str, np.ndarray]:
+    """Per model, the positions of the spectra it can fit: the input read once, block by block
+    (memory stays flat; every region is tested on each block)."""
     from .coverage import covering
 
     n = ds.sizes[dim]
     view = ds[[v for v in (flux, ivar, redshift, "wavelength") if v in ds.data_vars]]
     view = view.rename({flux: "flux", ivar: "ivar"}) if (flux, ivar) != ("flux", "ivar") else view
-    out = []
+    out: dict[str, list] = {name: [] for name in models}
     for start in range(0, n, COVERAGE_BLOCK):
         block = view.isel({dim: slice(start, start + COVERAGE_BLOCK)})
         if dim != "spectrum":
             block = block.rename({dim: "spectrum"})
-        out.append(start + covering(block.load(), model, redshift=redshift))
-    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+        block = block.load()
+        for name, model in models.items():
+            out[name].append(start + covering(block, model, redshift=redshift))
+    return {name: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64) for name, parts in out.items()}
 
 
 def _text(values) -> np.ndarray:
@@ -271,7 +279,7 @@ def fit_catalog(
     chunk = int(chunk_size) if chunk_size else (int(ds[flux].chunks[0][0]) if ds[flux].chunks else None)
 
     # which spectra each region fits
-    positions = {name: _covering(ds, model, dim=dim, flux=flux, ivar=ivar, redshift=redshift) for name, model in models.items()}
+    positions = _covering_all(ds, models, dim=dim, flux=flux, ivar=ivar, redshift=redshift)
     for name, pos in positions.items():
         logger.info("catalogue: %s covers %d of %d spectra", name, pos.size, n)
     options = {"n_mc": n_mc, "n_samples": n_samples, "seed": int(seed), "fiducial": fiducial, "width_sigma": float(width_sigma),
