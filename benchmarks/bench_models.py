@@ -10,6 +10,8 @@ in chunks of ``--chunk`` (250), ``LocalCluster(n_workers=2, threads_per_worker=1
   starting values.
 * ``region``: ``sd.models.region("hbeta", host=False)`` (continuum on line-free windows, then
   the lines); the baseline is curvefit on the same region model in numpy (joint fit).
+  ``region_joint``: the same with ``continuum="joint"`` (everything in one fit, as curvefit).
+  No host-galaxy component (``host="auto"`` would add one): the synthetic spectra have none.
 
 ``--data matched`` draws the spectra from the fitted model itself; ``--data mismatched`` from
 one it does not match exactly (Lorentzian broad lines, other FeII ratios; as every real
@@ -183,7 +185,8 @@ def worker_counters(client) -> dict:
 def main() -> None:
     def options(ap):
         ap.set_defaults(n=2000, chunk=250)
-        ap.add_argument("--model", choices=["user", "region"], default="user")
+        ap.add_argument("--model", choices=["user", "region", "region_joint"], default="user",
+                        help="region_joint: the region with continuum='joint' (one fit of everything, like curvefit)")
         ap.add_argument("--data", choices=["matched", "mismatched"], default="matched")
         ap.add_argument("--workers", type=int, default=2)
         ap.add_argument("--shared-cache", action="store_true", help="use the configured persistent compilation cache, not an empty one")
@@ -211,7 +214,7 @@ def main() -> None:
 
         oiii = NAMES.index("o3_flux")
     else:
-        model = sd.models.region("hbeta", host=False)
+        model = sd.models.region("hbeta", host=False, **({"continuum": "joint"} if args.model == "region_joint" else {}))
         ds = sd.io.synthetic_spectra(args.n, seed=0, mismatch=mismatched).chunk({"spectrum": args.chunk})
         truth_fwhm = ds.true_fwhm_broad.values if mismatched else sd.models.derived.fwhm(model, "hbeta_broad", np.nan_to_num(ds.true_params.values))[0]
         from numpy_model import numpy_model

@@ -168,8 +168,9 @@ class CompiledModel:
         if jax.default_backend() == "cpu":
             # One row after another on a CPU: a vmapped forward-mode Jacobian of a generic model
             # holds (rows, params, ...) tangents that leave the cache; a user's 20-parameter jnp
-            # model is ~2x faster in sequence, the built-in regions (custom JVPs) about even
-            # (post_ms_per_spectrum of benchmarks/profile_models.py). Batched on accelerators.
+            # model is ~1.7x faster in sequence, the built-in regions (custom JVPs; a tenth of
+            # their chunk) even to 1.5x slower (post_ms_per_spectrum of
+            # benchmarks/profile_models.py). Batched on accelerators.
             def post_rows(phys, wavelength, flux, errors):
                 return jax.lax.map(lambda row: post_one(row[0], wavelength, row[1], row[2]), (phys, flux, errors))
 
