@@ -222,11 +222,10 @@ def plot_objects(ds, results, rows, out: Path) -> list[Path]:
         fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False,
                                  gridspec_kw={"height_ratios": [3, 1], "hspace": 0.05, "wspace": 0.22})
         for k, (reg, fits, j) in enumerate(panels):
-            fits.sheap.plot(spectrum=j, ax=(axes[0, k], axes[1, k]))
+            fits.sheap.plot(spectrum=j, ax=(axes[0, k], axes[1, k]), legend="below")  # legend off the data
             axes[0, k].sharex(axes[1, k])
             axes[0, k].tick_params(labelbottom=False)
             axes[0, k].set_title(f"{reg}: χ²_ν = {float(fits.redchi2[j]):.2f}", fontsize=9)
-            axes[0, k].legend(fontsize=6, ncol=2, loc="upper right")
             if k:
                 axes[0, k].set_ylabel("")
                 axes[1, k].set_ylabel("")

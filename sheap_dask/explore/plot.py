@@ -158,6 +158,8 @@ def plot(link: Link, spectrum: int = 0, *, spectra: xr.Dataset | None = None, ax
         lo, hi = np.percentile(finite, [0.5, 99.5])
         peak = total[inside][np.isfinite(total[inside])]
         hi = max(hi, float(peak.max())) if peak.size else hi
+        if comps is not None:  # the continuum components (power law, host, FeII) sit below the data: show them
+            lo = min(lo, 0.0)
         pad = 0.06 * (hi - lo)
         ax_main.set_ylim(lo - pad, hi + pad)
     if legend == "outside":
