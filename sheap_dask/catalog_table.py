@@ -27,7 +27,7 @@ import xarray as xr
 
 from .derived import catalog as measure
 from .derived.bh_mass import RECIPES
-from .derived.luminosity import log_lum_factor
+from .derived.luminosity import agn_continuum_absent, log_lum_factor
 from .quality import quality_attrs
 from .status import Status, status_attrs
 
@@ -295,9 +295,13 @@ def region_table(
         flags = flags | xr.where(~measured, int(LineFlag.NOT_MEASURED), 0)
         out[f"{ln}_flags"] = flags.astype(np.int16).pipe(_set, flag_attrs(LineFlag, LINE_FLAG_MESSAGES, f"quality flags of {ln}"))
 
+    # no AGN continuum found (its flux parameters all at zero, e.g. a galaxy): no AGN luminosity
+    absent = (xr.apply_ufunc(lambda b, p: agn_continuum_absent(model, b, p), at_bound, fits["params"], input_core_dims=[["param"], ["param"]],
+                             dask="parallelized", output_dtypes=[bool])
+              if at_bound is not None else False)
     for w in plan.wavelengths:
         tag = f"{w:g}"
-        f_v, f_e = value(f"cont/{tag}").where(measured), error(f"cont/{tag}").where(measured)
+        f_v, f_e = value(f"cont/{tag}").where(measured & ~absent), error(f"cont/{tag}").where(measured & ~absent)
         lv, le = xr.apply_ufunc(_log_cont, f_v, f_e, x, kwargs={"wavelength": w}, dask="parallelized",
                                 output_dtypes=[np.float64, np.float64], output_core_dims=[[], []])
         host_note = " (AGN continuum: host starlight and FeII excluded)" if plan.host else " (AGN continuum, FeII excluded)"

@@ -40,3 +40,20 @@ def test_continuum_luminosity_of_a_power_law():
     np.testing.assert_allclose(l_lam, 4 * np.pi * dl_cm(z, H0=60.0) ** 2 * f3000 * 1e-16, rtol=1e-8)
     nan_z, _ = lum.luminosity(MODEL, 3000.0, params, redshift=[0.0, -0.1])
     assert np.all(np.isnan(nan_z))
+
+
+def test_agn_continuum_absent_only_when_all_its_fluxes_rest_at_zero():
+    """A fit whose power law (the AGN continuum of a region with a host) vanished has no AGN
+    luminosity; a host at zero or FeII at zero does not make the AGN continuum absent."""
+    import sheap_dask as sd
+    from sheap_dask.derived.luminosity import agn_continuum_absent
+
+    model = sd.models.region("hbeta")
+    names = model.param_names
+    params = np.tile(model.params.values, (3, 1))
+    at_bound = np.zeros_like(params, dtype=bool)
+    norm = names.index("powerlaw_norm")
+    params[1, norm], at_bound[1, norm] = 0.0, True  # the power law at zero: a galaxy
+    for p in ("host_w1", "host_w2", "host_w3", "feii_amplitude"):  # the other continua at zero
+        params[2, names.index(p)], at_bound[2, names.index(p)] = 0.0, True
+    np.testing.assert_array_equal(agn_continuum_absent(model, at_bound, params), [False, True, False])

@@ -107,6 +107,27 @@ def log_lum_factor(redshift, n: int, flux_unit: float, H0: float, Om0: float) ->
     return np.where(z > 0, out, np.nan)
 
 
+def agn_continuum_absent(model, at_bound, params, continuum: Sequence[str] | None = None) -> np.ndarray:
+    """(n,) bool: every flux parameter of the AGN continuum (``continuum`` or the model's,
+    without FeII) rests at its zero lower bound, i.e. the fit found no AGN continuum (a
+    galaxy). Its luminosity is then no measurement: the callers report NaN there.
+
+    ``at_bound`` and ``params`` are (n, n_params) in the model's parameter order.
+    """
+    names = list(model.param_names)
+    comps = (getattr(model, "metadata", None) or {}).get("components") or {}
+    flux = set(getattr(model, "flux_params", ()) or ())
+    members = [p for c in continuum_names(model, continuum) for p in (comps.get(c) or {}).get("params", ()) if p in flux]
+    at_bound = np.asarray(at_bound, dtype=bool).reshape(-1, len(names))
+    if not members:
+        return np.zeros(at_bound.shape[0], dtype=bool)
+    idx = [names.index(p) for p in members]
+    zero_floor = np.asarray(model.params.lower)[idx] == 0.0
+    with np.errstate(invalid="ignore"):
+        resting = at_bound[:, idx] & zero_floor[None, :] & (np.asarray(params, dtype=np.float64).reshape(-1, len(names))[:, idx] >= 0)
+    return resting.all(axis=1)
+
+
 def _build_continuum(model, key: tuple):
     """The measurement ``f(p, x) -> {f_lambda}``: continuum flux density at one rest wavelength."""
     wavelength, continuum = key

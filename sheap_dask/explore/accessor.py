@@ -176,6 +176,8 @@ class SheapAccessor:
     ):
         """Continuum luminosity at a rest wavelength: ``λL_λ`` (erg/s, default) or ``L_λ``.
 
+        NaN where the fit found no AGN continuum (all its flux parameters at their zero bound).
+
         Parameters
         ----------
         wavelength : float

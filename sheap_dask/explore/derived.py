@@ -328,7 +328,21 @@ def luminosity(link: Link, wavelength: float, quantity: str, log: bool, errors: 
         )  # fmt: skip
         return _stack([_maybe_log(v, s, log)])
 
-    return _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
+    out = _one(_apply(link, compute, [name], [attrs], errors=errors, needs_z=True, redshift=scale.redshift), errors)
+    return _without_absent_continuum(link, model, continuum, out)
+
+
+def _without_absent_continuum(link: Link, model, continuum, out):
+    """NaN where the fit found no AGN continuum (its flux parameters all at zero): a galaxy's
+    "AGN luminosity" would be a formal number from a vanishing power law."""
+    if "at_bound" not in link.ds or "params" not in link.ds:
+        return out
+    absent = xr.apply_ufunc(
+        lambda b, p: _luminosity.agn_continuum_absent(model, b, p, continuum), link.ds["at_bound"], link.ds["params"],
+        input_core_dims=[["param"], ["param"]], dask="parallelized", output_dtypes=[bool],
+    )
+    masked = out.where(~absent)
+    return masked.assign_attrs(out.attrs) if isinstance(out, xr.DataArray) else masked
 
 
 def line_luminosity(link: Link, line: str, log: bool, errors: bool, scale: Scale, options: dict):
