@@ -248,7 +248,7 @@ def fit_catalog(
     >>> cat[["hbeta_broad_fwhm", "log_l5100", "log_mbh", "mbh_recipe"]].to_dataframe()  # doctest: +SKIP
     """
     from . import config
-    from .cluster import resolve_client
+    from .cluster import using_client
     from .derived.errors import DEFAULT_N_SAMPLES
     from .derived.luminosity import cosmology
 
@@ -292,13 +292,8 @@ def fit_catalog(
 
         preflight(store, "catalog", [source], storage_options=so, force=force)
         return _with_store(spec, store, resume, force, client, progress, so, flux=flux, ivar=ivar)
-    client, own = resolve_client(client)
-    try:
+    with using_client(client) as client:
         tables = _fit_regions(spec, client, progress, stores=None, resume=resume, force=force, so=so, flux=flux, ivar=ivar)
-    finally:
-        if own is not None:
-            client.close()
-            own.close()
     config.warn_unknown_keys()
     return _assemble(spec, tables)
 
@@ -558,7 +553,7 @@ def _assemble(spec: _Spec, results: Mapping[str, Any]) -> xr.Dataset:
 # The catalogue store
 # --------------------------------------------------------------------------------------
 def _with_store(spec: _Spec, store, resume, force, client, progress, so, *, flux, ivar) -> xr.Dataset:
-    from .cluster import resolve_client
+    from .cluster import using_client
     from .stores import (
         StoreLock,
         clear_store,
@@ -595,13 +590,8 @@ def _with_store(spec: _Spec, store, resume, force, client, progress, so, *, flux
         if not fs.exists(f"{root}/{RECORD}"):  # a fresh store (resume: the record stays as it was)
             fs.pipe_file(f"{root}/{RECORD}", json.dumps(record, indent=1, default=str).encode())
         stores = {name: f"{os.fspath(store).rstrip('/')}/{REGIONS_DIR}/{name}.zarr" for name in spec.models}
-        client, own = resolve_client(client)
-        try:
+        with using_client(client) as client:
             tables = _fit_regions(spec, client, progress, stores=stores, resume=True, force=force, so=so, flux=flux, ivar=ivar)
-        finally:
-            if own is not None:
-                client.close()
-                own.close()
         cat = _assemble(spec, tables)
         target = f"{os.fspath(store).rstrip('/')}/{CATALOG_NAME}"
         if fs.exists(f"{root}/{CATALOG_NAME}"):  # an interrupted write of ours: the record says incomplete

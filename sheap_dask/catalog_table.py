@@ -27,6 +27,7 @@ import xarray as xr
 
 from .derived import catalog as measure
 from .derived.bh_mass import RECIPES
+from .derived.errors import log_upper_limit, log_value_error
 from .derived.luminosity import agn_continuum_absent, log_lum_factor
 from .quality import quality_attrs
 from .status import Status, status_attrs
@@ -358,41 +359,22 @@ def region_table(
     return table.drop_vars([c for c in table.coords if c != dim], errors="ignore")
 
 
-def _maybe_log(value, error, log: bool = True):
-    """``log10`` of a value and its error as half the log width of [value - error, value +
-    error]: bounded, NaN when that interval reaches 0 (the rule of ``fits.sheap``'s log
-    quantities, :mod:`sheap_dask.explore.derived`)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.where(value > 0, np.log10(np.where(value > 0, value, 1.0)), np.nan)
-        low = value - error
-        e = np.where(low > 0, 0.5 * (np.log10(value + error) - np.log10(np.where(low > 0, low, 1.0))), np.nan)
-        e = np.where(error == 0, 0.0, e)
-    return v, e
-
-
-def _upper_limit(value, error, sigma: float = 3.0):
-    """log10 of a ``sigma`` upper limit: max(value, 0) + sigma * error (as ``fits.sheap``)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = np.maximum(value, 0.0) + sigma * error
-        return np.where(bound > 0, np.log10(bound), np.nan)
-
-
 def _log_lum(flux, err, x):
     with np.errstate(all="ignore"):
         factor = 10.0 ** x
-        return _maybe_log(flux * factor, err * factor, True)
+        return log_value_error(flux * factor, err * factor)
 
 
 def _log_lum_upper(flux, err, x):
     with np.errstate(all="ignore"):
         factor = 10.0 ** x
-        return _upper_limit(flux * factor, err * factor)
+        return log_upper_limit(flux * factor, err * factor)
 
 
 def _log_cont(f, err, x, *, wavelength):
     with np.errstate(all="ignore"):
         factor = wavelength * 10.0 ** x
-        return _maybe_log(f * factor, err * factor, True)
+        return log_value_error(f * factor, err * factor)
 
 
 # --------------------------------------------------------------------------------------

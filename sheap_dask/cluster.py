@@ -41,6 +41,19 @@ def resolve_client(client):
     return start_default_cluster()
 
 
+@contextlib.contextmanager
+def using_client(client):
+    """:func:`resolve_client` as a context: yields the client (None: dask's local scheduler)
+    and closes the client and cluster it started itself, whatever happens inside."""
+    client, own = resolve_client(client)
+    try:
+        yield client
+    finally:
+        if own is not None:
+            client.close()
+            own.close()
+
+
 def start_default_cluster(**kwargs):
     """(client, cluster): the ``LocalCluster`` of ``sheap_dask.cluster.*`` (one worker per
     core by default) and a client of it."""

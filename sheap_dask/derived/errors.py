@@ -263,3 +263,21 @@ def mc_options(kw: dict) -> dict:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(kw)}")
     return opts
 
+
+def log_value_error(value, error):
+    """``log10`` of a value and its error as half the log width of [value - error, value +
+    error]: bounded, and NaN when that interval reaches 0 (the value is then consistent with
+    nothing, and only an upper limit means something); a zero error stays zero."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.where(value > 0, np.log10(np.where(value > 0, value, 1.0)), np.nan)
+        low = value - error
+        e = np.where(low > 0, 0.5 * (np.log10(value + error) - np.log10(np.where(low > 0, low, 1.0))), np.nan)
+        e = np.where(error == 0, 0.0, e)
+    return v, e
+
+
+def log_upper_limit(value, error, sigma: float = 3.0):
+    """log10 of a ``sigma`` upper limit: max(value, 0) + sigma * error."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = np.maximum(value, 0.0) + sigma * error
+        return np.where(bound > 0, np.log10(bound), np.nan)

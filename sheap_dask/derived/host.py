@@ -34,7 +34,7 @@ from ..errors import ModelError, OptionError
 from ..units import DEFAULT_FLUX_UNIT
 from .errors import as_params, mc_options, run
 from .lines import continuum_names, sum_components
-from .luminosity import DEFAULT_H0, DEFAULT_OM0, log_lum_factor, luminosity
+from .luminosity import DEFAULT_H0, DEFAULT_OM0, log_lum_factor, luminosity, rest_wavelength
 
 __all__ = ["host_names", "host_fraction", "frac_host_4200", "frac_host_5100", "stellar_dispersion", "agn_luminosity",
            "host_luminosity"]
@@ -117,9 +117,7 @@ def host_fraction(model, wavelength: float, params, params_err=None, *, continuu
     -------
     (value, error)
     """
-    wavelength = float(wavelength)
-    if not (math.isfinite(wavelength) and wavelength > 0):
-        raise OptionError(f"wavelength={wavelength!r} must be a positive rest wavelength in Angstrom (e.g. 5100).")
+    wavelength = rest_wavelength(wavelength)
     opts = mc_options(kwargs)
     p, one = as_params(model, params)
     key = (wavelength, tuple(continuum_names(model, continuum)), tuple(host_names(model)))

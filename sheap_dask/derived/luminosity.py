@@ -107,6 +107,14 @@ def log_lum_factor(redshift, n: int, flux_unit: float, H0: float, Om0: float) ->
     return np.where(z > 0, out, np.nan)
 
 
+def rest_wavelength(wavelength) -> float:
+    """``wavelength`` as a float, refused unless a positive rest wavelength (Angstrom)."""
+    wavelength = float(wavelength)
+    if not (math.isfinite(wavelength) and wavelength > 0):
+        raise OptionError(f"wavelength={wavelength!r} must be a positive rest wavelength in Angstrom (e.g. 5100).")
+    return wavelength
+
+
 def agn_continuum_absent(model, at_bound, params, continuum: Sequence[str] | None = None) -> np.ndarray:
     """(n,) bool: every flux parameter of the AGN continuum (``continuum`` or the model's,
     without FeII) rests at its zero lower bound, i.e. the fit found no AGN continuum (a
@@ -177,9 +185,7 @@ def luminosity(
     -------
     (value, error)
     """
-    wavelength = float(wavelength)
-    if not (math.isfinite(wavelength) and wavelength > 0):
-        raise OptionError(f"wavelength={wavelength!r} must be a positive rest wavelength in Angstrom (e.g. 5100).")
+    wavelength = rest_wavelength(wavelength)
     if quantity not in ("lambda_l_lambda", "l_lambda"):
         raise OptionError(f"quantity={quantity!r} must be 'lambda_l_lambda' (erg/s) or 'l_lambda' (erg/s/A).")
     opts = mc_options(kwargs)

@@ -19,6 +19,7 @@ import xarray as xr
 from ..derived import bh_mass as _bh_mass
 from ..derived import lines
 from ..derived import luminosity as _luminosity
+from ..derived.errors import log_upper_limit, log_value_error
 from ..errors import InputDataError, ModelError, OptionError
 from .link import Link
 
@@ -134,24 +135,8 @@ def _stack(pairs) -> np.ndarray:
 
 
 def _maybe_log(value, error, log: bool):
-    """``log10`` of a value and its error as half the log width of [value - error, value +
-    error]: bounded, and NaN when that interval reaches 0 (the value is then consistent with
-    nothing, and only an upper limit means something)."""
-    if not log:
-        return value, error
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.where(value > 0, np.log10(np.where(value > 0, value, 1.0)), np.nan)
-        low = value - error
-        e = np.where(low > 0, 0.5 * (np.log10(value + error) - np.log10(np.where(low > 0, low, 1.0))), np.nan)
-        e = np.where(error == 0, 0.0, e)
-    return v, e
-
-
-def _upper_limit(value, error, sigma: float = 3.0):
-    """log10 of a ``sigma`` upper limit: max(value, 0) + sigma * error."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        bound = np.maximum(value, 0.0) + sigma * error
-        return np.where(bound > 0, np.log10(bound), np.nan)
+    """:func:`~sheap_dask.derived.errors.log_value_error` when ``log``, else unchanged."""
+    return log_value_error(value, error) if log else (value, error)
 
 
 # ----------------------------------------------------------------------------------------
@@ -364,7 +349,7 @@ def line_luminosity(link: Link, line: str, log: bool, errors: bool, scale: Scale
         v, s = _luminosity.line_luminosity(
             model, line, p, e, redshift=z, flux_unit=unit, H0=H0, Om0=Om0, index=idx, lower=lower, upper=upper, **unc, **options
         )
-        return _stack([_maybe_log(v, s, log), (_upper_limit(v, s) if log else np.maximum(v, 0.0) + 3.0 * s, s)])
+        return _stack([_maybe_log(v, s, log), (log_upper_limit(v, s) if log else np.maximum(v, 0.0) + 3.0 * s, s)])
 
     out = _apply(link, compute, [name, name + "_ul"], [attrs, attrs], errors=errors, needs_z=True, redshift=scale.redshift)
     detected = _detected(link, line) if policy == "nan" else None

@@ -45,7 +45,7 @@ import numpy as np
 
 from ..astro import air_to_vacuum  # the exact inverse of Morton (2000) eq. 8; re-exported
 from ..errors import ModelError
-from .profiles import C_KMS
+from .profiles import C_KMS, LogLambdaTemplate
 
 __all__ = [
     "OPTICAL_FEII_LINES",
@@ -123,7 +123,7 @@ def _next_fast_len(n: int) -> int:
     return best
 
 
-class FeIITemplate:
+class FeIITemplate(LogLambdaTemplate):
     """An FeII template on a uniform ln(lambda) grid, broadened by a Gaussian in velocity.
 
     Build one with :meth:`from_lines`, :meth:`from_arrays` or :func:`load_template`; the
@@ -166,16 +166,6 @@ class FeIITemplate:
     def __repr__(self) -> str:
         lo, hi = np.exp(self.loglam[[0, -1]])
         return f"FeIITemplate({self.name!r}, {lo:.0f}-{hi:.0f} A, {self.n} pixels, norm_band={self.norm_band})"
-
-    @property
-    def wavelength(self) -> np.ndarray:
-        """Grid wavelengths (Angstrom)."""
-        return np.exp(self.loglam)
-
-    @property
-    def flux(self) -> np.ndarray:
-        """Unbroadened template as flux per Angstrom on :attr:`wavelength`."""
-        return self.density / self.wavelength
 
     # -- constructors --------------------------------------------------------------------
     @classmethod

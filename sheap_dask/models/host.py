@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from .profiles import C_KMS
+from .profiles import C_KMS, LogLambdaTemplate
 
 __all__ = ["HostTemplate", "load_host_template", "sdss_templates", "host_component", "DEFAULT_TEMPLATE_FILE"]
 
@@ -63,7 +63,7 @@ def _next_fast_len(n: int) -> int:
     return f(n)
 
 
-class HostTemplate:
+class HostTemplate(LogLambdaTemplate):
     """Galaxy templates on one uniform ln(lambda) grid.
 
     Attributes
@@ -105,15 +105,6 @@ class HostTemplate:
     def k(self) -> int:
         """Number of templates."""
         return self.density.shape[0]
-
-    @property
-    def wavelength(self) -> np.ndarray:
-        return np.exp(self.loglam)
-
-    @property
-    def flux(self) -> np.ndarray:
-        """Templates as flux per Angstrom (K, n)."""
-        return self.density / self.wavelength
 
     @property
     def range(self) -> tuple[float, float]:

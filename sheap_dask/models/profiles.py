@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import erf
 
 __all__ = [
@@ -203,3 +204,22 @@ PROFILES = {
     "pseudo_voigt": (pseudo_voigt, ("eta",)),
     "skewed_gaussian": (skewed_gaussian, ("skew",)),
 }
+
+
+class LogLambdaTemplate:
+    """A template sampled on a uniform ln-lambda grid (``loglam``) as flux per ln-lambda
+    (``density``), the form a velocity broadening is a convolution in; the FeII and host
+    templates share it."""
+
+    loglam: np.ndarray
+    density: np.ndarray
+
+    @property
+    def wavelength(self) -> np.ndarray:
+        """Grid wavelengths (Angstrom)."""
+        return np.exp(self.loglam)
+
+    @property
+    def flux(self) -> np.ndarray:
+        """The template(s) as flux per Angstrom on :attr:`wavelength` (..., n)."""
+        return self.density / self.wavelength
