@@ -13,6 +13,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import dask  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -27,3 +28,11 @@ def shared_spectra() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real spectra not found: {SHARED_DATA} (place ../shared/data/spectra beside the project)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def synchronous():
+    """Dask's synchronous scheduler for one test (modules that want it for every test use
+    ``pytestmark = pytest.mark.usefixtures("synchronous")``)."""
+    with dask.config.set(scheduler="synchronous"):
+        yield

@@ -9,6 +9,9 @@ from problems import gauss_slope
 import sheap_dask as sd
 
 
+#: fit_dataset options of the quick tests: LM, few steps, float64, no progress bar
+FAST = dict(method="lm", num_steps=100, progress=False, dtype="float64")
+
 def gauss_model() -> sd.Model:
     """A Gaussian on a slope as an ``sd.Model`` (5 free parameters)."""
     prob = gauss_slope()

@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dask
 import pytest
 import xarray as xr
 
@@ -14,12 +13,6 @@ import sheap_dask as sd
 from sheap_dask.cli import main
 
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def synchronous():
-    with dask.config.set(scheduler="synchronous"):
-        yield
 
 
 def test_version(capsys):

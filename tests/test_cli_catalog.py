@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import warnings
 
-import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -24,12 +23,6 @@ def spectra_store(tmp_path_factory):
         warnings.simplefilter("ignore")
         mixed_spectra().chunk({"spectrum": 3}).to_zarr(path)
     return path
-
-
-@pytest.fixture
-def synchronous():
-    with dask.config.set(scheduler="synchronous"):
-        yield
 
 
 @pytest.mark.slow

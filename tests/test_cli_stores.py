@@ -13,20 +13,15 @@ import time
 import dask
 import pytest
 import xarray as xr
-from datasets import gauss_dataset, gauss_model
+from datasets import FAST, gauss_dataset, gauss_model
 
 import sheap_dask as sd
 from sheap_dask import chunk as chunk_mod
 from sheap_dask.cli import EXIT_ALL_NO_DATA, main
 from sheap_dask.stores import LOCK_NAME
 
-FAST = dict(method="lm", num_steps=100, progress=False, dtype="float64")
 
-
-@pytest.fixture(autouse=True)
-def synchronous():
-    with dask.config.set(scheduler="synchronous"):
-        yield
+pytestmark = pytest.mark.usefixtures("synchronous")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from datasets import gauss_dataset, gauss_model
+from datasets import FAST, gauss_dataset, gauss_model
 
 import sheap_dask as sd
 from sheap_dask.chunk import compile_stats
@@ -26,7 +26,6 @@ from sheap_dask.status import Status
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-FAST = dict(method="lm", num_steps=100, progress=False, dtype="float64")
 TESTS = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 

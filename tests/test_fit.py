@@ -8,19 +8,14 @@ import dask
 import numpy as np
 import pytest
 import xarray as xr
-from datasets import gauss_dataset, gauss_model
+from datasets import FAST, gauss_dataset, gauss_model
 
 import sheap_dask as sd
 from sheap_dask.errors import ClusterWarning, InputDataError, OptionError, ResumeMismatchError
 from sheap_dask.status import Status
 
-FAST = dict(method="lm", num_steps=100, progress=False, dtype="float64")
 
-
-@pytest.fixture(autouse=True)
-def synchronous():
-    with dask.config.set(scheduler="synchronous"):
-        yield
+pytestmark = pytest.mark.usefixtures("synchronous")
 
 
 @pytest.fixture(scope="module")

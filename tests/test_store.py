@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from datasets import gauss_dataset, gauss_model
+from datasets import FAST, gauss_dataset, gauss_model
 
 import sheap_dask as sd
 from sheap_dask import chunk as chunk_mod
@@ -33,13 +33,8 @@ from sheap_dask.errors import (
 from sheap_dask.status import Status
 from sheap_dask.stores import LOCK_NAME, StoreLock, describe_path
 
-FAST = dict(method="lm", num_steps=100, progress=False, dtype="float64")
 
-
-@pytest.fixture(autouse=True)
-def synchronous():
-    with dask.config.set(scheduler="synchronous"):
-        yield
+pytestmark = pytest.mark.usefixtures("synchronous")
 
 
 @pytest.fixture(scope="module")
