@@ -34,7 +34,7 @@ from ..errors import ModelError, OptionError
 from ..units import DEFAULT_FLUX_UNIT
 from .errors import as_params, mc_options, run
 from .lines import continuum_names, sum_components
-from .luminosity import DEFAULT_H0, DEFAULT_OM0, log_lum_factor, luminosity, rest_wavelength
+from .luminosity import DEFAULT_H0, DEFAULT_OM0, luminosity, rest_wavelength, spectral_luminosity
 
 __all__ = ["host_names", "host_fraction", "frac_host_4200", "frac_host_5100", "stellar_dispersion", "agn_luminosity",
            "host_luminosity"]
@@ -181,17 +181,9 @@ def host_luminosity(model, wavelength: float, params, params_err=None, *, redshi
                     H0: float = DEFAULT_H0, Om0: float = DEFAULT_OM0, quantity: str = "lambda_l_lambda",
                     **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
     """``λL_λ`` (or ``L_λ``) of the host starlight at a rest wavelength (full template set)."""
-    wavelength = float(wavelength)
-    if quantity not in ("lambda_l_lambda", "l_lambda"):
-        raise OptionError(f"quantity={quantity!r} must be 'lambda_l_lambda' (erg/s) or 'l_lambda' (erg/s/A).")
-    opts = mc_options(kwargs)
-    p, one = as_params(model, params)
-    log_factor = log_lum_factor(redshift, p.shape[0], flux_unit, H0, Om0)
-    key = (wavelength, tuple(host_names(model)))
-    val, err = run(model, _build_host_flux, key, p, params_err, 0.0, **opts)["f_lambda"]
-    factor = 10.0**log_factor * (wavelength if quantity == "lambda_l_lambda" else 1.0)
-    val, err = val * factor, err * factor
-    return (val[0], err[0]) if one else (val, err)
+    key = (float(wavelength), tuple(host_names(model)))
+    return spectral_luminosity(model, _build_host_flux, key, params, params_err, redshift=redshift, flux_unit=flux_unit,
+                               H0=H0, Om0=Om0, quantity=quantity, **kwargs)
 
 
 def _build_host_flux(model, key: tuple):

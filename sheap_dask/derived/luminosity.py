@@ -186,14 +186,23 @@ def luminosity(
     (value, error)
     """
     wavelength = rest_wavelength(wavelength)
+    key = (wavelength, tuple(continuum_names(model, continuum)))
+    return spectral_luminosity(model, _build_continuum, key, params, params_err, redshift=redshift, flux_unit=flux_unit,
+                               H0=H0, Om0=Om0, quantity=quantity, **kwargs)
+
+
+def spectral_luminosity(model, builder, key: tuple, params, params_err=None, *, redshift, flux_unit: float, H0: float,
+                        Om0: float, quantity: str, **kwargs: Any):
+    """``λL_λ`` or ``L_λ`` of the rest-frame ``f_lambda`` that ``builder(model, key)`` computes
+    at ``key[0]`` Angstrom (the AGN continuum here, the host in :mod:`.host`), with its Monte
+    Carlo error."""
     if quantity not in ("lambda_l_lambda", "l_lambda"):
         raise OptionError(f"quantity={quantity!r} must be 'lambda_l_lambda' (erg/s) or 'l_lambda' (erg/s/A).")
     opts = mc_options(kwargs)
     p, one = as_params(model, params)
     log_factor = log_lum_factor(redshift, p.shape[0], flux_unit, H0, Om0)
-    key = (wavelength, tuple(continuum_names(model, continuum)))
-    val, err = run(model, _build_continuum, key, p, params_err, 0.0, **opts)["f_lambda"]
-    factor = 10.0**log_factor * (wavelength if quantity == "lambda_l_lambda" else 1.0)
+    val, err = run(model, builder, key, p, params_err, 0.0, **opts)["f_lambda"]
+    factor = 10.0**log_factor * (key[0] if quantity == "lambda_l_lambda" else 1.0)
     val, err = val * factor, err * factor
     return (val[0], err[0]) if one else (val, err)
 

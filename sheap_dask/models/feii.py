@@ -240,10 +240,7 @@ class FeIITemplate(LogLambdaTemplate):
                 f"FeII template: wavelength and flux must be 1-D arrays of the same length >= 2, "
                 f"got shapes {wl.shape} and {fl.shape}."
             )
-        if not (np.all(np.isfinite(wl)) and np.all(np.isfinite(fl))):
-            raise ModelError("FeII template: wavelength and flux must be finite (remove NaN rows).")
-        if np.any(wl <= 0) or np.any(np.diff(wl) <= 0):
-            raise ModelError("FeII template: wavelength must be positive and strictly increasing (Angstrom).")
+        cls.check_grid(wl, fl, "FeII template")
         loglam, _ = cls._grid(wl[0], wl[-1])
         lam = np.exp(loglam)
         # flux per ln(lambda) = lambda * flux per Angstrom

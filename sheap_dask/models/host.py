@@ -132,10 +132,7 @@ class HostTemplate(LogLambdaTemplate):
                 f"host template: wavelength must be 1-D (n >= 10) and flux (n,) or (K, n); got shapes {wl.shape} and "
                 f"{np.shape(flux)}."
             )
-        if not (np.all(np.isfinite(wl)) and np.all(np.isfinite(fl))):
-            raise ModelError("host template: wavelength and flux must be finite (remove or interpolate NaN rows).")
-        if np.any(wl <= 0) or np.any(np.diff(wl) <= 0):
-            raise ModelError("host template: wavelength must be positive and strictly increasing (rest-frame Angstrom).")
+        cls.check_grid(wl, fl, "host template")
         norm_wavelength = float(norm_wavelength)
         if not wl[0] + 20 <= norm_wavelength <= wl[-1] - 20:
             raise ModelError(

@@ -223,3 +223,14 @@ class LogLambdaTemplate:
     def flux(self) -> np.ndarray:
         """The template(s) as flux per Angstrom on :attr:`wavelength` (..., n)."""
         return self.density / self.wavelength
+
+    @staticmethod
+    def check_grid(wavelength: np.ndarray, flux: np.ndarray, what: str) -> None:
+        """Refuse non-finite values and a wavelength grid that is not positive and strictly
+        increasing (rest-frame Angstrom), naming the template (``what``)."""
+        from ..errors import ModelError
+
+        if not (np.all(np.isfinite(wavelength)) and np.all(np.isfinite(flux))):
+            raise ModelError(f"{what}: wavelength and flux must be finite (remove or interpolate NaN rows).")
+        if np.any(wavelength <= 0) or np.any(np.diff(wavelength) <= 0):
+            raise ModelError(f"{what}: wavelength must be positive and strictly increasing (rest-frame Angstrom).")
