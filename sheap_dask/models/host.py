@@ -204,16 +204,12 @@ class HostTemplate(LogLambdaTemplate):
         weights = jnp.asarray(weights)
         dtype = jnp.result_type(wavelength, weights, sigma_kms, shift_kms, float)
         cdtype = jnp.complex64 if dtype == jnp.float32 else jnp.complex128
-        n, dln, ln0 = self.n, self.dlnlam, float(self.loglam[0])
+        n, dln = self.n, self.dlnlam
         spectrum = jnp.asarray(self._spectrum, cdtype)  # (K, nf)
         freq = jnp.asarray(self._freq, dtype)
         to_pix = 1.0 / (C_KMS * dln)
         wl = wavelength.astype(dtype)
-        t = (jnp.log(jnp.maximum(wl, 1e-30)) - ln0) / dln
-        inside = (t >= 0) & (t <= n - 1)
-        i = jnp.clip(jnp.floor(t), 0, n - 2).astype(jnp.int32)
-        w = jnp.clip(t - i, 0.0, 1.0)
-        scale = jnp.where(inside, 1.0 / jnp.where(inside, wl, 1.0), 0.0)
+        i, w, scale = self.pixel_weights(wl)
 
         def sample(arr, i, w, scale):  # (..., n) -> (..., n_pix)
             return (arr[..., i] * (1 - w) + arr[..., i + 1] * w) * scale

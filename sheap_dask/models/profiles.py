@@ -234,3 +234,14 @@ class LogLambdaTemplate:
             raise ModelError(f"{what}: wavelength and flux must be finite (remove or interpolate NaN rows).")
         if np.any(wavelength <= 0) or np.any(np.diff(wavelength) <= 0):
             raise ModelError(f"{what}: wavelength must be positive and strictly increasing (rest-frame Angstrom).")
+
+    def pixel_weights(self, wl):
+        """``(i, w, scale)`` for linear interpolation of the grid at wavelengths ``wl`` (a jnp
+        array): left pixel, weight of the right one, and 1/lambda (density per ln-lambda to
+        flux per Angstrom), 0 outside the grid."""
+        t = (jnp.log(jnp.maximum(wl, 1e-30)) - float(self.loglam[0])) / self.dlnlam
+        n = self.n
+        inside = (t >= 0) & (t <= n - 1)
+        i = jnp.clip(jnp.floor(t), 0, n - 2).astype(jnp.int32)
+        w = jnp.clip(t - i, 0.0, 1.0)
+        return i, w, jnp.where(inside, 1.0 / jnp.where(inside, wl, 1.0), 0.0)
