@@ -36,7 +36,7 @@ from .compiled import _STATS, compile_stats, get_compiled
 from .coverage import coverage
 from .errors import InputDataError
 from .options import ChunkOptions, check_penalty
-from .outcome import absent_params, finish_quality, line_fluxes, model_lines, parameter_errors
+from .outcome import absent_line_components, absent_params, finish_quality, line_fluxes, model_lines, parameter_errors
 from .quality import Quality
 from .rescue import (
     fallback_candidates,
@@ -293,7 +293,8 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
             run_fallback(retry, out, jtwj, compiled, chunk, options)
 
     finish_quality(out, good, compiled, chunk, options)
-    err, undefined, cov = parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower)
+    absent_lines, unused = absent_line_components(out["params"], out["at_bound"], compiled, chunk)
+    err, undefined, cov = parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower, absent=absent_lines, unused=unused)
     # undefined errors of an absent component's shape are expected (its detection bit says so)
     undefined &= (np.isnan(err) & ~absent_params(out["params"], out["at_bound"], compiled, chunk)).any(axis=1)
     out["quality"][undefined] |= Quality.ERRORS_UNDEFINED
@@ -334,7 +335,77 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
     no_data = out["status"] == Status.NO_DATA
     for name in ("params", "params_err", "params_cov", "loss", "chi2", "redchi2"):
         out[name][no_data] = np.nan
+    _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function)
     return out
+
+
+def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function) -> None:
+    """Add the continuum's uncertainty to the lines' errors of a staged fit (in place).
+
+    The lines were fitted with the continuum held at the first stage's values, so their
+    covariance ``P_l`` says nothing of how they would move with the continuum. Linearised
+    (the second step of a two-step estimator, Murphy & Topel 1985, J. Bus. Econ. Stat. 3,
+    370), a continuum change ``dc`` moves the lines by ``-P_l F_lc dc``, with ``F`` the
+    (IRLS-weighted) J^T W J of the full model at the solution; so the lines' covariance gains
+    ``P_l F_lc P_c F_cl P_l`` and the continuum-line covariance is ``-P_c F_cl P_l``
+    (``P_c`` the first stage's covariance). The correlation through the pixels both stages
+    use (the continuum windows, where the lines are faint) is left out, which errs on the
+    side of larger errors. Computed in each spectrum's own flux unit (``flux_scale``), so
+    it is the same in any unit; line fluxes, their errors and detections are then redone.
+    """
+    names = list(model.param_names)
+    cont = set(stage.model.param_names)
+    compiled = get_compiled(model, options, penalty_function)
+    ok = np.isin(out["status"], [s.value for s in Status if s.ok]) & np.all(np.isfinite(out["params"]), axis=1)
+    if not ok.any() or compiled.n_free == 0:
+        return
+    E = compiled.embed_matrix
+    src = np.argmax(E != 0, axis=0)  # the parameter each free parameter sets first (its own)
+    c = np.array([j for j in range(compiled.n_free) if names[src[j]] in cont], dtype=int)
+    l = np.array([j for j in range(compiled.n_free) if names[src[j]] not in cont], dtype=int)
+    if c.size == 0 or l.size == 0:
+        return
+    rows = np.flatnonzero(ok)
+    flux, ivar, wl = _check_arrays(flux, ivar, wavelength)
+    with np.errstate(all="ignore"):
+        wl, flux, ivar, _ = _to_rest_frame(wl, flux, ivar, redshift)
+        usable = np.isfinite(flux) & np.isfinite(ivar) & (ivar > 0)
+        if model.windows:
+            wl2 = np.broadcast_to(wl, usable.shape)
+            usable &= np.any([(wl2 >= lo) & (wl2 <= hi) for lo, hi in model.windows], axis=0)
+        scale = np.where(np.isfinite(out["flux_scale"]) & (out["flux_scale"] > 0), out["flux_scale"], 1.0)[rows]
+        errors = np.where(usable, 1.0 / np.sqrt(np.where(usable, ivar, 1.0)), np.inf)[rows] / scale[:, None]
+        data = np.where(usable, flux, 0.0)[rows] / scale[:, None]
+    param_scale = np.where(compiled.flux_mask[None, :], scale[:, None], 1.0)
+    wl_rows = wl[rows] if wl.ndim == 2 else wl
+    batch = max(int(pad_to or len(out["status"])), len(out["status"]))
+    _, _, F = compiled.post_rows(out["params"][rows] / param_scale, wl_rows, data, errors, rows.size, group_size(batch))
+    cov = out["params_cov"][rows] / (param_scale[:, :, None] * param_scale[:, None, :])
+    P_c = np.nan_to_num(cov[:, src[c][:, None], src[c][None, :]])
+    P_l = cov[:, src[l][:, None], src[l][None, :]]
+    if options.error_scale == "redchi2":  # P_l carries the scale once; the gain term takes it from P_c
+        P_l = P_l / np.where(np.isfinite(out["redchi2"][rows]) & (out["redchi2"][rows] > 0), out["redchi2"][rows], 1.0)[:, None, None]
+    undefined_l = np.isnan(np.einsum("nii->ni", P_l))
+    K = np.einsum("nij,njk->nik", np.nan_to_num(P_l), np.nan_to_num(F[:, l[:, None], c[None, :]]))  # d lines / d continuum
+    gain = np.einsum("nij,njk,nlk->nil", K, P_c, K)
+    cross = -np.einsum("nij,nkj->nik", P_c, K)  # (continuum, lines)
+    El, Ec = E[:, l], E[:, c]
+    add = np.einsum("pi,nij,qj->npq", El, gain, El) + np.einsum("pi,nij,qj->npq", Ec, cross, El)
+    add = add + np.einsum("pi,nij,qj->npq", El, np.swapaxes(cross, 1, 2), Ec)
+    new = cov + add
+    # what was undefined stays undefined
+    bad = np.isnan(np.einsum("nii->ni", cov)) | ((undefined_l.astype(float) @ (El.T != 0)) > 0)
+    new[bad[:, :, None] | bad[:, None, :]] = np.nan
+    new = new * (param_scale[:, :, None] * param_scale[:, None, :])
+    out["params_cov"][rows] = new
+    err = np.sqrt(np.clip(np.einsum("nii->ni", new), 0.0, None))
+    err[np.isnan(np.einsum("nii->ni", new))] = np.nan
+    line_params = (El != 0).any(axis=1)
+    # an unused Gaussian's NaN error (its covariance is zero by construction) stays NaN
+    keep_nan = np.isnan(out["params_err"][rows])
+    out["params_err"][rows[:, None], np.flatnonzero(line_params)[None, :]] = np.where(keep_nan[:, line_params], np.nan, err[:, line_params])
+    out["quality"] &= ~(Quality.BROAD_LINE_UNDETECTED | Quality.NARROW_LINE_UNDETECTED)
+    line_fluxes(out, model, options)
 
 
 def _fit_lines_on_continuum(model, stage, first, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function):

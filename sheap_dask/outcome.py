@@ -12,7 +12,7 @@ from .batch import pinned as pinned_params
 from .quality import Quality
 from .status import Status
 
-__all__ = ["finish_quality", "absent_params", "parameter_errors", "line_fluxes", "model_lines"]
+__all__ = ["finish_quality", "absent_params", "absent_line_components", "parameter_errors", "line_fluxes", "model_lines"]
 
 
 def model_lines(model) -> dict[str, list[str]]:
@@ -34,7 +34,12 @@ def finish_quality(out, good, compiled, chunk: ChunkArrays, options) -> None:
     # an absent component (its fluxes or template weights resting on a zero lower bound) is
     # "not there", not "stuck": the detection bits report it, and its shape parameters are
     # free to sit anywhere, so neither raises PARAM_AT_BOUND
-    out["quality"][(at_bound & ~absent_params(out["params"], at_bound, compiled, chunk)).any(axis=1)] |= Quality.PARAM_AT_BOUND
+    # and a flux at a zero lower bound is a value, not a stuck parameter: a template weight
+    # of a non-negative combination (the host's) is zero whenever that template is not needed
+    with np.errstate(invalid="ignore"):
+        zero_flux = compiled.flux_mask[None, :] & (chunk.lower == 0) & (out["params"] <= 0.5 * chunk.upper)
+    excused = absent_params(out["params"], at_bound, compiled, chunk) | zero_flux
+    out["quality"][(at_bound & ~excused).any(axis=1)] |= Quality.PARAM_AT_BOUND
     out["quality"][out["method"] == "slsqp"] |= Quality.FALLBACK_USED
     median = converged_median(out, good)
     if median is not None:
@@ -60,7 +65,31 @@ def absent_params(params, at_bound, compiled, chunk: ChunkArrays) -> np.ndarray:
     return absent
 
 
-def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def absent_line_components(params, at_bound, compiled, chunk: ChunkArrays) -> tuple[np.ndarray, np.ndarray]:
+    """(n, n_params) masks ``(absent, unused)``: the parameters of the absent components
+    (:func:`absent_params`) of the model's lines, and among them those of lines that keep at
+    least one present component (the Gaussians a multi-Gaussian line does not use; a line
+    with every component absent, an undetected line, is absent but not unused)."""
+    every = absent_params(params, at_bound, compiled, chunk)
+    absent, unused = np.zeros_like(every), np.zeros_like(every)
+    meta = compiled.model.metadata if isinstance(compiled.model.metadata, Mapping) else {}
+    components = meta.get("components") or {}
+    names = list(compiled.names)
+    for info in (meta.get("lines") or {}).values():
+        members = [[names.index(p) for p in (components.get(c) or {}).get("params", ()) if p in names]
+                   for c in (info or {}).get("components", ())]
+        members = [m for m in members if m]
+        if not members:
+            continue
+        gone = np.stack([every[:, m].all(axis=1) for m in members], axis=1)  # (n, n_components)
+        some_present = ~gone.all(axis=1)
+        for k, m in enumerate(members):
+            absent[:, m] |= gone[:, k][:, None]
+            unused[:, m] |= (gone[:, k] & some_present)[:, None]
+    return absent, unused
+
+
+def parameter_errors(jtwj, compiled, out, options, span, absent=None, unused=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """1-sigma errors sqrt(diag(E C E^T)) with C the covariance of the free parameters and
     ``(undefined,)`` per spectrum: NaN only for parameters along a degenerate direction.
 
@@ -70,9 +99,16 @@ def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np
     wider than the parameter's allowed range (``span``, per spectrum) says only that the data
     do not constrain it: it is NaN too. Also returns the covariance E C E^T of all
     parameters (NaN rows and columns for the undefined ones).
-    """
-    from .lm import lm_covariance
 
+    ``absent`` (n, n_params), optional: the parameters of line components resting at zero
+    flux (:func:`absent_line_components`), an active bound. The errors of every other parameter are those
+    with the absent ones held at their values: otherwise an absent Gaussian's free shape
+    (anywhere, any width) spreads its degeneracy into the errors of the components that are
+    there. The absent ones keep their own block of the unconditioned covariance (the flux
+    error an undetected line's upper limit comes from), uncorrelated with the rest; those in
+    ``unused`` (an unused Gaussian of a line that has others)
+    get NaN errors and zero covariance instead.
+    """
     n_spec = jtwj.shape[0]
     n_params = compiled.n_params
     err = np.full((n_spec, n_params), np.nan)
@@ -83,7 +119,41 @@ def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np
         err[ok] = 0.0
         cov_all[ok] = 0.0
         return err, undefined, cov_all
-    cov = lm_covariance(np.asarray(jtwj[ok], dtype=np.float64))
+    scale = np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan) if options.error_scale == "redchi2" else None
+    jtwj = np.asarray(jtwj[ok], dtype=np.float64)
+    e, full, bad = _covariance(jtwj, compiled, span[ok], scale)
+    if absent is not None and absent[ok].any():
+        E = compiled.embed_matrix
+        sets = (E != 0).T  # (n_free, n_params); a free parameter is held when all it sets are absent
+        held_free = np.stack([absent[ok][:, sets[j]].all(axis=1) if sets[j].any() else np.zeros(int(ok.sum()), bool)
+                              for j in range(compiled.n_free)], axis=1)
+        held = (held_free.astype(float) @ sets) > 0
+        rows, cols = np.nonzero(held_free)
+        conditioned = jtwj.copy()
+        conditioned[rows, cols, :] = 0.0
+        conditioned[rows, :, cols] = 0.0
+        conditioned[rows, cols, cols] = 1.0  # decoupled; its variance is replaced below
+        e_c, full_c, bad_c = _covariance(conditioned, compiled, span[ok], scale)
+        own = held[:, :, None] & held[:, None, :]
+        cross = held[:, :, None] ^ held[:, None, :]
+        full = np.where(own, full, np.where(cross, 0.0, full_c))
+        e = np.where(held, e, e_c)
+        bad = np.where(held_free, bad, bad_c)
+        if unused is not None:
+            gone = held & unused[ok]
+            e[gone] = np.nan
+            full[gone[:, :, None] | gone[:, None, :]] = 0.0
+    err[ok] = e
+    cov_all[ok] = full
+    undefined[ok] = bad.any(axis=1)
+    return err, undefined, cov_all
+
+
+def _covariance(jtwj, compiled, span, scale) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Errors, covariance of all parameters and (bad,) per free parameter, see parameter_errors."""
+    from .lm import lm_covariance
+
+    cov = lm_covariance(jtwj)
     bad_free = np.isnan(np.einsum("nii->ni", cov))
     E = compiled.embed_matrix
     with np.errstate(all="ignore"):
@@ -91,20 +161,19 @@ def parameter_errors(jtwj, compiled, out, options, span) -> tuple[np.ndarray, np
         e = np.sqrt(np.clip(np.einsum("nii->ni", full), 0, None))
     # a parameter is undefined when any free parameter it depends on is
     e[(bad_free.astype(float) @ (E.T != 0)) > 0] = np.nan
-    if options.error_scale == "redchi2":
-        e = e * np.sqrt(np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan))[:, None]
+    if scale is not None:
+        e = e * np.sqrt(scale)[:, None]
     with np.errstate(invalid="ignore"):
-        unconstrained = e > span[ok]
+        unconstrained = e > span
     e[unconstrained] = np.nan
     e[:, compiled.embed_fixed_mask] = 0.0
     nan = np.isnan(e)
     full[nan[:, :, None] | nan[:, None, :]] = np.nan
-    if options.error_scale == "redchi2":
-        full = full * np.where(np.isfinite(out["redchi2"][ok]), out["redchi2"][ok], np.nan)[:, None, None]
-    err[ok] = e
-    cov_all[ok] = full
-    undefined[ok] = bad_free.any(axis=1) | unconstrained.any(axis=1)
-    return err, undefined, cov_all
+    if scale is not None:
+        full = full * scale[:, None, None]
+    # a free parameter is bad when its error is undefined or wider than its range
+    bad = bad_free | ((unconstrained.astype(float) @ (E != 0)) > 0)
+    return e, full, bad
 
 
 def line_fluxes(out, model, options) -> None:

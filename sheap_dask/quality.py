@@ -38,7 +38,7 @@ class Quality(enum.IntFlag):
 
 _MESSAGES = {
     Quality.PARAM_AT_BOUND: ("a free parameter ended within restart_pinned_tolerance of its range from a bound (see at_bound);"
-                             " the parameters of an absent component (its fluxes or template weights at zero) do not count"),
+                             " a flux or template weight at its zero lower bound and the shape of an absent component (all its fluxes at zero) do not count"),
     Quality.WINDOW_INCOMPLETE: "the usable pixels cover less than sheap_dask.coverage.flag of the model's window",
     Quality.ABSORBERS_MASKED: "narrow absorption troughs (or sky residuals) far below the model were masked and the fit repeated (see n_masked)",
     Quality.CHI2_OUTLIER: "reduced chi-square above median * (1 + redchi2_sigma * sqrt(2/dof)) of its chunk",

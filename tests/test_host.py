@@ -41,6 +41,22 @@ def test_readme_host_table_is_the_recorded_validation():
 
 # -- templates --------------------------------------------------------------------------------
 def test_builtin_templates_provenance_and_normalisation():
+    m = mhost.builtin_templates("mastar")  # the MaStar stellar populations
+    assert m.name == "mastar" and m.k == 6 and mhost.load_host_template("mastar") is m
+    assert mhost.load_host_template(None) is mhost.sdss_templates() is mhost.builtin_templates()  # the default
+    assert m.names[0] == "A00.100-Z+0.00" and m.names[-1] == "A14.000-Z-1.35"
+    lo, hi = m.range
+    assert lo < 3710 and hi > 8000
+    assert m.sigma0 == pytest.approx(120.0) and m.sigma_inst == pytest.approx(60.9)
+    assert "MaStar" in m.provenance and "BSD-3-Clause" in m.provenance and "licence" in m.provenance
+    at = m.evaluate_numpy(np.linspace(5080, 5120, 41))
+    np.testing.assert_allclose(at.mean(axis=1), 1.0, rtol=0.02)
+    assert np.all(m.flux > 0)
+    # older populations are redder: the 4000 A-side flux falls with age
+    blue = m.evaluate_numpy([4200.0])[:, 0]
+    assert np.all(np.diff(blue[:5]) < 0)
+    with pytest.raises(ModelError, match="not a built-in set"):
+        mhost.builtin_templates("miles")
     t = mhost.sdss_templates()
     assert t.k == 3 and t.names == ["spec_0266_51602_0013", "spec_0266_51602_0107", "spec_0295_51585_0596"]
     lo, hi = t.range
@@ -89,7 +105,7 @@ def test_component_values_and_jvp():
     import jax
     import jax.numpy as jnp
 
-    c = sd.models.host_component(window=(4400.0, 5600.0))
+    c = sd.models.host_component(template="sdss", window=(4400.0, 5600.0))
     assert c.kind == "host" and c.continuum and c.flux_params == ("w1", "w2", "w3")
     tmpl = c.info["template_obj"]
     wl = np.linspace(4400.0, 5600.0, 400)
@@ -117,6 +133,8 @@ def test_component_bounds_and_coverage():
         sd.models.host_component(sigma=(100.0, -10.0, 300.0))
     with pytest.raises(ModelError, match="covers 3400-8046 A"):
         sd.models.host_component(window=(2200.0, 3090.0))
+    with pytest.raises(ModelError, match="covers 3701-8046 A"):
+        sd.models.host_component(template="mastar", window=(2200.0, 3090.0))
 
 
 # -- regions -----------------------------------------------------------------------------------
@@ -125,9 +143,11 @@ def test_region_host_rule_and_metadata():
     assert hb.metadata["host"] == ["host"] and ha.metadata["host"] == ["host"]  # "auto": window >= 3500 A
     assert sd.models.region("mgii").metadata["host"] == [] and sd.models.region("civ").metadata["host"] == []
     assert "host" not in hb.metadata["continuum"]  # luminosities and EWs: AGN continuum only
-    assert hb.n_free == 25 and sd.models.region("hbeta", host=False).n_free == 20
-    assert {"host_w1", "host_w2", "host_w3", "host_sigma", "host_shift"} <= set(hb.continuum_stage.model.param_names)
-    assert set(hb.flux_params) >= {"host_w1", "host_w2", "host_w3"}
+    assert hb.n_free == 25 and sd.models.region("hbeta", host=False).n_free == 20  # 3 template weights, sigma, shift
+    weights = {f"host_w{k}" for k in range(1, 4)}
+    assert weights | {"host_sigma", "host_shift"} <= set(hb.continuum_stage.model.param_names)
+    assert set(hb.flux_params) >= weights
+    assert sd.models.region("hbeta", host_template="mastar").n_free == 28
     assert hb.metadata["region_spec"]["kwargs"]["host"] is True
     assert sd.models.region("hbeta", host=False).metadata["region_spec"]["kwargs"]["host"] is False
     assert hb.identity() != sd.models.region("hbeta", host=False).identity()
@@ -146,10 +166,11 @@ def test_initializer_starts_host_inside_bounds():
     m = sd.models.region("hbeta")
     init = m.initial_values(ds.wavelength.values, ds.flux.values, ds.ivar.values)
     names = m.param_names
-    w = init[:, [names.index(f"host_w{k}") for k in (1, 2, 3)]]
+    weights = [n for n in names if n.startswith("host_w")]
+    w = init[:, [names.index(n) for n in weights]]
     assert np.all(np.isfinite(init)) and np.all(w > 0)
     total = w.sum(1)
-    true_total = ds.true_params.sel(param=["host_w1", "host_w2", "host_w3"]).values.sum(1)
+    true_total = ds.true_params.sel(param=weights).values.sum(1)
     assert np.corrcoef(total, true_total)[0, 1] > 0.5  # the linear solve sees the starlight
 
 
@@ -160,13 +181,14 @@ def test_derived_host_fraction_dispersion_luminosity():
     names = m.param_names
     p[names.index("powerlaw_norm")] = 10.0
     p[names.index("powerlaw_index")] = -1.5
-    for k, w in zip((1, 2, 3), (3.0, 2.0, 5.0)):
+    weights = (3.0, 2.0, 5.0)
+    for k, w in enumerate(weights, start=1):
         p[names.index(f"host_w{k}")] = w
     p[names.index("host_sigma")] = 0.0
     p[names.index("host_shift")] = 0.0
     tmpl = m.component_objects["host"].info["template_obj"].parent
     for lam in (4200.0, 5100.0):
-        h = float(tmpl.evaluate_numpy([lam]).T[0] @ [3.0, 2.0, 5.0])
+        h = float(tmpl.evaluate_numpy([lam]).T[0] @ weights)
         c = 10.0 * (lam / 5100.0) ** -1.5
         v, e = dhost.host_fraction(m, lam, p)
         assert v == pytest.approx(h / (h + c), rel=1e-5)
@@ -297,3 +319,29 @@ def test_low_luminosity_quasars_report_their_host(shared_spectra):
     agn = fits.sheap.luminosity(5100.0).values
     total = fits.sheap.luminosity(5100.0, continuum=["powerlaw", "host"]).values
     assert np.all(agn < total)
+
+
+def test_ssp_template_broadening_reaches_one_dispersion():
+    """scripts/build_ssp_templates.py broadens each pixel from the library's own resolution
+    (c / 2.355 R, varying along the spectrum) to one constant sigma_0: an unresolved line
+    seen at R = 1500 comes out with sigma_0, wherever it sits."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_ssp_templates", REPO / "scripts" / "build_ssp_templates.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    wave = 10.0 ** np.arange(np.log10(3700.0), np.log10(8000.0), 1e-4)
+    sres = np.full(wave.size, 1500.0)
+    sigma_lib = script.C_KMS / (2.0 * np.sqrt(2.0 * np.log(2.0)) * 1500.0)
+    flux = np.zeros((2, wave.size))
+    for row, centre in enumerate((4500.0, 6500.0)):
+        x = np.log(wave / centre) * script.C_KMS
+        flux[row] = 1.0 + np.exp(-0.5 * (x / sigma_lib) ** 2)
+    out = script.broaden_to(wave, flux, sres, 120.0) - 1.0
+    for row, centre in enumerate((4500.0, 6500.0)):
+        v = np.log(wave / centre) * script.C_KMS
+        width = np.sqrt(np.sum(out[row] * v**2) / np.sum(out[row]))
+        assert width == pytest.approx(120.0, rel=0.03), (centre, width)
+        assert np.sum(out[row]) == pytest.approx(np.sum(flux[row] - 1.0), rel=1e-3)  # flux conserved
+    with pytest.raises(SystemExit, match="below the library"):
+        script.broaden_to(wave, flux, np.full(wave.size, 1000.0), 120.0)

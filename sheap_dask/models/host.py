@@ -15,6 +15,14 @@ templates' own dispersion ``sigma_0``) and shifted by ``v`` (km/s). Parameters:
 
 Templates (:func:`load_host_template`):
 
+* ``"mastar"``: six simple stellar populations (SSPs) built by
+  ``scripts/build_ssp_templates.py`` from the MaStar SSPs of Maraston et al. 2020 (SDSS-IV
+  MaStar stars; the version with the Milky Way's interstellar absorption removed, Salpeter
+  IMF), as distributed in the BSD-3 ``sdss-mangadap`` package: solar metallicity at 0.1, 0.2,
+  1, 3 and 14 Gyr and a metal-poor ([Z/H] = -1.35) 14 Gyr population, no emission lines, all
+  broadened to one dispersion ``sigma_0`` = 120 km/s (the library's own resolution, no
+  stellar motions), 3700-8050 A, shipped as ``sheap_dask/models/data/host_templates_mastar.csv``.
+  None of them comes from a spectrum they are tested on.
 * ``"sdss"`` (default): three empirical templates built by ``scripts/build_host_templates.py``
   from public SDSS GALAXY spectra (spec-0266-51602-0013, an early-type galaxy;
   spec-0266-51602-0107, star-forming; spec-0295-51585-0596, a type-2 AGN host): rest frame,
@@ -45,10 +53,17 @@ import numpy as np
 from ..errors import ModelError
 from .profiles import C_KMS, LogLambdaTemplate
 
-__all__ = ["HostTemplate", "load_host_template", "sdss_templates", "host_component", "DEFAULT_TEMPLATE_FILE"]
+__all__ = ["HostTemplate", "load_host_template", "builtin_templates", "sdss_templates", "host_component", "BUILTIN_TEMPLATE_FILES",
+           "DEFAULT_TEMPLATE", "DEFAULT_TEMPLATE_FILE"]
 
-#: The built-in template file (see ``scripts/build_host_templates.py``).
-DEFAULT_TEMPLATE_FILE = Path(__file__).with_name("data") / "host_templates.csv"
+#: The built-in template sets by name and the script that builds each file.
+BUILTIN_TEMPLATE_FILES = {
+    "mastar": Path(__file__).with_name("data") / "host_templates_mastar.csv",  # scripts/build_ssp_templates.py
+    "sdss": Path(__file__).with_name("data") / "host_templates.csv",  # scripts/build_host_templates.py
+}
+#: The set a host component uses unless told otherwise.
+DEFAULT_TEMPLATE = "sdss"
+DEFAULT_TEMPLATE_FILE = BUILTIN_TEMPLATE_FILES[DEFAULT_TEMPLATE]
 #: Templates are normalised to a flux density of 1 at this rest wavelength (mean over +-20 A).
 NORM_WAVELENGTH = 5100.0
 # Kernel reach allowed by the padding of a restricted grid: 5 sigma + |shift| <= _PAD_KMS.
@@ -308,22 +323,31 @@ def read_template_file(path, *, name: str | None = None, norm_wavelength: float 
                                     norm_wavelength=norm_wavelength, provenance="\n".join(comments))
 
 
+def builtin_templates(name: str = DEFAULT_TEMPLATE) -> HostTemplate:
+    """A built-in template set by name (``"mastar"``, ``"sdss"``; see the module docstring)."""
+    if name not in BUILTIN_TEMPLATE_FILES:
+        raise ModelError(f"host template {name!r} is not a built-in set; use one of {sorted(BUILTIN_TEMPLATE_FILES)}, a file path, "
+                         "(wavelength, flux) arrays or a HostTemplate.")
+    if name not in _DEFAULTS:
+        _DEFAULTS[name] = read_template_file(BUILTIN_TEMPLATE_FILES[name], name=name)
+    return _DEFAULTS[name]
+
+
 def sdss_templates() -> HostTemplate:
     """The built-in empirical templates (three SDSS galaxies; see the module docstring)."""
-    if "sdss" not in _DEFAULTS:
-        _DEFAULTS["sdss"] = read_template_file(DEFAULT_TEMPLATE_FILE, name="sdss")
-    return _DEFAULTS["sdss"]
+    return builtin_templates("sdss")
 
 
-def load_host_template(template="sdss", *, sigma0: float | None = None, names=None, name: str | None = None,
+def load_host_template(template=DEFAULT_TEMPLATE, *, sigma0: float | None = None, names=None, name: str | None = None,
                        norm_wavelength: float = NORM_WAVELENGTH) -> HostTemplate:
     """Normalise the ways of naming host templates into a :class:`HostTemplate`.
 
     Parameters
     ----------
-    template : "sdss", HostTemplate, (wavelength, flux) arrays, or path
-        ``flux`` (n,) for one template or (K, n) for several; a path names a text/CSV file
-        (see :func:`read_template_file`).
+    template : "mastar", "sdss", HostTemplate, (wavelength, flux) arrays, or path
+        A built-in set by name (None: :data:`DEFAULT_TEMPLATE`); ``flux`` (n,) for one
+        template or (K, n) for several; a path names a text/CSV file (see
+        :func:`read_template_file`).
     sigma0 : float, optional
         Stellar dispersion the user templates already have (km/s; default 0 or the file's).
     names : list of str, optional
@@ -331,8 +355,10 @@ def load_host_template(template="sdss", *, sigma0: float | None = None, names=No
     """
     if isinstance(template, HostTemplate):
         return template
-    if template is None or (isinstance(template, str) and template == "sdss"):
-        return sdss_templates()
+    if template is None:
+        return builtin_templates()
+    if isinstance(template, str) and template in BUILTIN_TEMPLATE_FILES:
+        return builtin_templates(template)
     if isinstance(template, (str, os.PathLike)):
         t = read_template_file(template, name=name, norm_wavelength=norm_wavelength)
         if sigma0 is not None:
@@ -342,7 +368,7 @@ def load_host_template(template="sdss", *, sigma0: float | None = None, names=No
         return HostTemplate.from_arrays(template[0], template[1], name=name or "user", names=names,
                                         sigma0=float(sigma0 or 0.0), norm_wavelength=norm_wavelength)
     raise ModelError(
-        f"host template {template!r} not understood; use 'sdss', a (wavelength, flux) pair of arrays (flux (n,) or (K, n)), "
+        f"host template {template!r} not understood; use 'mastar' or 'sdss', a (wavelength, flux) pair of arrays (flux (n,) or (K, n)), "
         "a file path, or a HostTemplate."
     )
 
@@ -350,7 +376,7 @@ def load_host_template(template="sdss", *, sigma0: float | None = None, names=No
 def host_component(
     name: str = "host",
     *,
-    template="sdss",
+    template=DEFAULT_TEMPLATE,
     window: tuple[float, float] | None = None,
     weights=(1.0, 0.0, None),
     sigma=(100.0, 0.0, 500.0),
@@ -363,8 +389,8 @@ def host_component(
     ----------
     name : str
         Component name; parameters ``{name}_w1 .. {name}_wK``, ``{name}_sigma``, ``{name}_shift``.
-    template : "sdss", (wavelength, flux) arrays, path, or HostTemplate
-        See :func:`load_host_template`.
+    template : "mastar", "sdss", (wavelength, flux) arrays, path, or HostTemplate
+        See :func:`load_host_template` (default the three SDSS galaxies).
     window : (float, float), optional
         Range the model is evaluated on: restricts the template grid (faster) and checks
         that the templates cover it.

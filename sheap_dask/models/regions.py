@@ -261,8 +261,9 @@ def region(
         emission).
     host_template : optional
         Own host templates: ``(wavelength, flux)`` arrays (flux (n,) or (K, n)), a file path
-        or a :class:`~sheap_dask.models.host.HostTemplate` (default: the built-in SDSS
-        galaxy templates, 3400-8050 A).
+        or a :class:`~sheap_dask.models.host.HostTemplate`, or a built-in set by name
+        (default ``"sdss"``: three SDSS galaxies, 3400-8050 A; ``"mastar"``: six MaStar stellar
+        populations, 3700-8050 A).
 
     Returns
     -------
