@@ -345,25 +345,23 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
     The lines were fitted with the continuum held at the first stage's values, so their
     covariance ``P_l`` says nothing of how they would move with the continuum. Linearised
     (the second step of a two-step estimator, Murphy & Topel 1985, J. Bus. Econ. Stat. 3,
-    370), a continuum change ``dc`` moves the lines by ``-P_l F_lc dc``, with ``F`` the
-    (IRLS-weighted) J^T W J of the full model at the solution; so the lines' covariance gains
-    ``P_l F_lc P_c F_cl P_l`` and the continuum-line covariance is ``-P_c F_cl P_l``
-    (``P_c`` the first stage's covariance). The correlation through the pixels both stages
-    use (the continuum windows, where the lines are faint) is left out, which errs on the
-    side of larger errors. Computed in each spectrum's own flux unit (``flux_scale``), so
-    it is the same in any unit; line fluxes, their errors and detections are then redone.
+    370), a continuum change ``dc`` moves the lines by ``-P_l F_lc dc``, with
+    ``F_lc = J_l^T W J_c`` over the pixels the lines were fitted on (``W`` the inverse
+    variances times the IRLS weights of the robust loss at the solution); so the lines'
+    covariance gains ``P_l F_lc P_c F_cl P_l`` and the continuum-line covariance is
+    ``-P_c F_cl P_l`` (``P_c`` the first stage's covariance). The correlation through the
+    pixels both stages use (the continuum windows, where the lines are faint) is left out,
+    which errs on the side of larger errors. The Jacobians are forward differences of the
+    stages' own compiled models (no further compilation of the full model), in each
+    spectrum's own flux unit (``flux_scale``), so the result is the same in any unit; line
+    fluxes, their errors and detections are then redone. Needs ``ContinuumStage(lines=...)``
+    (every built-in region); otherwise the lines' errors are left as they are.
     """
-    names = list(model.param_names)
-    cont = set(stage.model.param_names)
-    compiled = get_compiled(model, options, penalty_function)
-    ok = np.isin(out["status"], [s.value for s in Status if s.ok]) & np.all(np.isfinite(out["params"]), axis=1)
-    if not ok.any() or compiled.n_free == 0:
+    if stage.lines is None:
         return
-    E = compiled.embed_matrix
-    src = np.argmax(E != 0, axis=0)  # the parameter each free parameter sets first (its own)
-    c = np.array([j for j in range(compiled.n_free) if names[src[j]] in cont], dtype=int)
-    l = np.array([j for j in range(compiled.n_free) if names[src[j]] not in cont], dtype=int)
-    if c.size == 0 or l.size == 0:
+    names = list(model.param_names)
+    ok = np.isin(out["status"], [s.value for s in Status if s.ok]) & np.all(np.isfinite(out["params"]), axis=1)
+    if not ok.any():
         return
     rows = np.flatnonzero(ok)
     flux, ivar, wl = _check_arrays(flux, ivar, wavelength)
@@ -373,39 +371,73 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
         if model.windows:
             wl2 = np.broadcast_to(wl, usable.shape)
             usable &= np.any([(wl2 >= lo) & (wl2 <= hi) for lo, hi in model.windows], axis=0)
-        scale = np.where(np.isfinite(out["flux_scale"]) & (out["flux_scale"] > 0), out["flux_scale"], 1.0)[rows]
-        errors = np.where(usable, 1.0 / np.sqrt(np.where(usable, ivar, 1.0)), np.inf)[rows] / scale[:, None]
-        data = np.where(usable, flux, 0.0)[rows] / scale[:, None]
-    param_scale = np.where(compiled.flux_mask[None, :], scale[:, None], 1.0)
+    usable = usable[rows]
+    scale = np.where(np.isfinite(out["flux_scale"]) & (out["flux_scale"] > 0), out["flux_scale"], 1.0)[rows]
+    data = np.where(usable, flux[rows], 0.0) / scale[:, None]
+    inv_var = np.where(usable, ivar[rows], 0.0) * scale[:, None] ** 2
     wl_rows = wl[rows] if wl.ndim == 2 else wl
-    batch = max(int(pad_to or len(out["status"])), len(out["status"]))
-    _, _, F = compiled.post_rows(out["params"][rows] / param_scale, wl_rows, data, errors, rows.size, group_size(batch))
-    cov = out["params_cov"][rows] / (param_scale[:, :, None] * param_scale[:, None, :])
-    P_c = np.nan_to_num(cov[:, src[c][:, None], src[c][None, :]])
-    P_l = cov[:, src[l][:, None], src[l][None, :]]
+    group = group_size(max(int(pad_to or len(out["status"])), len(out["status"])))
+    flux_mask = np.isin(names, list(getattr(model, "flux_params", ()) or ()))
+    p_all = out["params"][rows] / np.where(flux_mask[None, :], scale[:, None], 1.0)
+    parts = {}
+    for key, part in (("c", stage.model), ("l", stage.lines)):
+        compiled = get_compiled(part, options, penalty_function)
+        idx = np.array([names.index(n) for n in part.param_names])
+        E = compiled.embed_matrix  # (part's params, part's free)
+        p = p_all[:, idx]
+        value = _evaluate(compiled, wl_rows, p, group)
+        # one forward difference per free parameter, all in one batch of evaluations
+        step = 1e-6 * np.maximum(np.abs(p @ np.where(E != 0, 1.0, 0.0)), 1.0)  # (n, free)
+        shifted = p[:, None, :] + step[:, :, None] * E.T[None, :, :]  # (n, free, params)
+        n, k = step.shape
+        wl_rep = np.repeat(wl_rows, k, axis=0) if np.ndim(wl_rows) == 2 else wl_rows
+        moved = _evaluate(compiled, wl_rep, shifted.reshape(n * k, -1), group).reshape(n, k, -1)
+        parts[key] = (idx, E, value, (moved - value[:, None, :]) / step[:, :, None])  # J: (n, free, pix)
+    (c_idx, Ec, cont, Jc), (l_idx, El, lines, Jl) = parts["c"], parts["l"]
+    weight = inv_var
+    if options.loss_kind == "logcosh":  # the IRLS weights of the robust loss at the solution
+        u = (data - cont - lines) * np.sqrt(inv_var) / float(options.robust_scale)
+        with np.errstate(all="ignore"):
+            weight = inv_var * np.where(np.abs(u) < 1e-4, 1.0 - u * u / 3.0, np.tanh(u) / np.where(u == 0, 1.0, u))
+    F_lc = np.einsum("nip,np,njp->nij", Jl, weight, Jc)
+    src_c, src_l = c_idx[np.argmax(Ec != 0, axis=0)], l_idx[np.argmax(El != 0, axis=0)]  # each free parameter's own
+    unit = np.where(flux_mask[None, :], scale[:, None], 1.0)
+    cov = out["params_cov"][rows] / (unit[:, :, None] * unit[:, None, :])
+    P_c = np.nan_to_num(cov[:, src_c[:, None], src_c[None, :]])
+    P_l = cov[:, src_l[:, None], src_l[None, :]]
     if options.error_scale == "redchi2":  # P_l carries the scale once; the gain term takes it from P_c
         P_l = P_l / np.where(np.isfinite(out["redchi2"][rows]) & (out["redchi2"][rows] > 0), out["redchi2"][rows], 1.0)[:, None, None]
-    undefined_l = np.isnan(np.einsum("nii->ni", P_l))
-    K = np.einsum("nij,njk->nik", np.nan_to_num(P_l), np.nan_to_num(F[:, l[:, None], c[None, :]]))  # d lines / d continuum
+    K = np.einsum("nij,njk->nik", np.nan_to_num(P_l), F_lc)  # d lines / d continuum (free parameters)
     gain = np.einsum("nij,njk,nlk->nil", K, P_c, K)
     cross = -np.einsum("nij,nkj->nik", P_c, K)  # (continuum, lines)
-    El, Ec = E[:, l], E[:, c]
-    add = np.einsum("pi,nij,qj->npq", El, gain, El) + np.einsum("pi,nij,qj->npq", Ec, cross, El)
-    add = add + np.einsum("pi,nij,qj->npq", El, np.swapaxes(cross, 1, 2), Ec)
+    n_params = len(names)
+    Ml = np.zeros((n_params, El.shape[1]))
+    Ml[l_idx] = El
+    Mc = np.zeros((n_params, Ec.shape[1]))
+    Mc[c_idx] = Ec
+    add = np.einsum("pi,nij,qj->npq", Ml, gain, Ml) + np.einsum("pi,nij,qj->npq", Mc, cross, Ml)
+    add = add + np.swapaxes(np.einsum("pi,nij,qj->npq", Mc, cross, Ml), 1, 2)
     new = cov + add
     # what was undefined stays undefined
-    bad = np.isnan(np.einsum("nii->ni", cov)) | ((undefined_l.astype(float) @ (El.T != 0)) > 0)
+    undefined_l = np.isnan(np.einsum("nii->ni", P_l))
+    bad = np.isnan(np.einsum("nii->ni", cov)) | ((undefined_l.astype(float) @ (Ml.T != 0)) > 0)
     new[bad[:, :, None] | bad[:, None, :]] = np.nan
-    new = new * (param_scale[:, :, None] * param_scale[:, None, :])
+    new = new * (unit[:, :, None] * unit[:, None, :])
     out["params_cov"][rows] = new
     err = np.sqrt(np.clip(np.einsum("nii->ni", new), 0.0, None))
     err[np.isnan(np.einsum("nii->ni", new))] = np.nan
-    line_params = (El != 0).any(axis=1)
+    line_params = (Ml != 0).any(axis=1)
     # an unused Gaussian's NaN error (its covariance is zero by construction) stays NaN
     keep_nan = np.isnan(out["params_err"][rows])
     out["params_err"][rows[:, None], np.flatnonzero(line_params)[None, :]] = np.where(keep_nan[:, line_params], np.nan, err[:, line_params])
     out["quality"] &= ~(Quality.BROAD_LINE_UNDETECTED | Quality.NARROW_LINE_UNDETECTED)
     line_fluxes(out, model, options)
+
+
+def _evaluate(compiled, wavelength, params, group: int) -> np.ndarray:
+    """The model for each row of ``params``, NaN-free (a model evaluated outside its range
+    contributes nothing to a Jacobian of usable pixels)."""
+    return np.nan_to_num(compiled.evaluate_rows(wavelength, params, group))
 
 
 def _fit_lines_on_continuum(model, stage, first, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function):
