@@ -174,43 +174,6 @@ def test_initializer_starts_host_inside_bounds():
     assert np.corrcoef(total, true_total)[0, 1] > 0.5  # the linear solve sees the starlight
 
 
-def test_host_weights_and_dispersion_at_zero_are_not_restart_suspects(monkeypatch):
-    """A template weight at 0 (an unneeded template of the non-negative combination) or no extra
-    dispersion is a result: it does not send a spectrum to the restarts; a width at its bound does."""
-    from sheap_dask import rescue
-    from sheap_dask.batch import ChunkArrays
-    from sheap_dask.compiled import get_compiled
-    from sheap_dask.options import ChunkOptions
-
-    model = sd.models.region("hbeta").continuum_stage.model
-    options = ChunkOptions().resolved()
-    compiled = get_compiled(model, options)
-    names = list(compiled.names)
-    assert [n for n, r in zip(names, compiled.resting_bound_mask) if r] == ["host_w1", "host_w2", "host_w3", "host_sigma"]
-    assert model.metadata["components"]["host"]["resting_bounds"] == ["host_w1", "host_w2", "host_w3", "host_sigma"]
-    n = 4
-    lower, upper = np.tile(compiled.lower, (n, 1)), np.tile(compiled.upper, (n, 1))
-    params = np.tile(np.asarray(model.params.values, dtype=float), (n, 1))
-    params[2, [names.index("host_w2"), names.index("host_sigma")]] = 0.0  # above the median, host at rest
-    params[3, names.index("feii_fwhm")] = lower[3, names.index("feii_fwhm")]  # above the median, a width pinned
-    out = {"params": params, "status": np.zeros(n, np.int8), "redchi2": np.array([1.0, 1.0, 1.01, 1.01]), "dof": np.full(n, 1000),
-           "loss": np.ones(n), "chi2": np.ones(n), "n_iter": np.zeros(n, np.int32)}
-    chunk = ChunkArrays(wl=np.linspace(4400.0, 5600.0, 50), flux=np.ones((n, 50)), errors=np.ones((n, 50)), lower=lower, upper=upper,
-                        start=params.copy(), good=np.ones(n, bool), batch=n, n_usable=np.full(n, 50), dtype=np.dtype("float64"))
-    solved = []
-
-    def no_better_fit(compiled, chunk, start, rows):
-        solved.append(rows.size)
-        k = rows.size
-        return {"status": np.full(k, sd.Status.FAILED, np.int8), "loss": np.full(k, np.nan), "params": start[rows], "chi2": np.ones(k),
-                "n_iter": np.zeros(k, np.int32), "jtwj": np.zeros((k, compiled.n_free, compiled.n_free))}
-
-    monkeypatch.setattr(rescue, "solve", no_better_fit)
-    jtwj = np.zeros((n, compiled.n_free, compiled.n_free))
-    assert rescue.restart_suspects(out, jtwj, compiled, chunk, options) == 1  # spectrum 3 only
-    assert solved == [2]  # its two starts
-
-
 # -- derived ---------------------------------------------------------------------------------
 def test_derived_host_fraction_dispersion_luminosity():
     m = sd.models.region("hbeta")

@@ -441,8 +441,6 @@ def host_component(
     def func(wavelength, p, _t=tmpl, _k=k):
         return _t.evaluate(wavelength, p[:_k], p[_k], p[_k + 1])
 
-    weight_names = tuple(f"w{j + 1}" for j in range(k))
-    # an unneeded template's weight at 0 and no extra dispersion are results, not stuck fits
-    return Component(name, "host", func, specs, continuum=True, flux_params=weight_names, resting_bounds=weight_names + ("sigma",),
+    return Component(name, "host", func, specs, continuum=True, flux_params=tuple(f"w{j + 1}" for j in range(k)),
                      info={"template": tmpl.name, "templates": list(tmpl.names), "sigma0": tmpl.sigma0,
                            "sigma_inst": tmpl.sigma_inst, "norm_wavelength": tmpl.norm_wavelength, "template_obj": tmpl})
