@@ -153,12 +153,11 @@ def test_interrupted_client_resumes(tmp_path, ds):
     store = tmp_path / "fits.zarr"
     script = textwrap.dedent(
         f"""
-        import sys, dask
+        import sys, time, dask
         sys.path.insert(0, {str(TESTS)!r})
         from datasets import gauss_model
-        import time
         import sheap_dask as sd
-        import sheap_dask.chunk, sheap_dask.fit
+        import sheap_dask.chunk
         fit_chunk = sheap_dask.chunk.fit_chunk
 
         def slow_fit_chunk(*args, **kwargs):  # a chunk outlasts the test's 0.1 s poll: the interrupt lands mid-run
@@ -166,7 +165,7 @@ def test_interrupted_client_resumes(tmp_path, ds):
             time.sleep(1.0)
             return out
 
-        sheap_dask.chunk.fit_chunk = sheap_dask.fit.fit_chunk = slow_fit_chunk
+        sheap_dask.chunk.fit_chunk = slow_fit_chunk  # the store's task imports it from there
         with dask.config.set(scheduler="synchronous"):
             sd.fit_dataset({str(inp)!r}, gauss_model(), store={str(store)!r}, method="adam", num_steps=1500, fallback="none", progress=False)
         """
