@@ -111,6 +111,9 @@ class CompiledModel:
             for info in components.values()
             if isinstance(info, Mapping)
         ]
+        # Parameters whose bound is a stationary point of the model (a host dispersion at 0): no restart.
+        self.resting_bound_mask = np.isin(self.names, [p for info in components.values() if isinstance(info, Mapping)
+                                                       for p in info.get("resting_bounds", [])])
         # LM through a queue of lanes (see lm_slots in sheap_dask.yaml); restarts reuse it.
         self.slots = int(options.slots or 0) if options.method == "lm" else 0
         extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind, "robust_scale": float(options.robust_scale)}

@@ -174,6 +174,60 @@ def test_initializer_starts_host_inside_bounds():
     assert np.corrcoef(total, true_total)[0, 1] > 0.5  # the linear solve sees the starlight
 
 
+def test_host_dispersion_at_zero_is_not_a_restart_suspect(monkeypatch):
+    """No extra dispersion (the kernel depends on sigma^2: a stationary bound) does not send a
+    spectrum to the restarts; a template weight at 0 and a width at its bound do."""
+    from sheap_dask import rescue
+    from sheap_dask.batch import ChunkArrays
+    from sheap_dask.compiled import get_compiled
+    from sheap_dask.options import ChunkOptions
+
+    model = sd.models.region("hbeta").continuum_stage.model
+    options = ChunkOptions().resolved()
+    compiled = get_compiled(model, options)
+    names = list(compiled.names)
+    assert [n for n, r in zip(names, compiled.resting_bound_mask) if r] == ["host_sigma"]
+    assert model.metadata["components"]["host"]["resting_bounds"] == ["host_sigma"]
+    n = 7
+    lower, upper = np.tile(compiled.lower, (n, 1)), np.tile(compiled.upper, (n, 1))
+    params = np.tile(np.asarray(model.params.values, dtype=float), (n, 1))
+    params[4, names.index("host_sigma")] = 0.0  # above the median, dispersion unresolved
+    params[5, names.index("feii_fwhm")] = lower[5, names.index("feii_fwhm")]  # above the median, a width pinned
+    params[6, names.index("host_w2")] = 0.0  # above the median, a template unused
+    out = {"params": params, "status": np.zeros(n, np.int8), "redchi2": np.array([1.0, 1.0, 1.0, 1.0, 1.01, 1.01, 1.01]),
+           "dof": np.full(n, 1000), "loss": np.ones(n), "chi2": np.ones(n), "n_iter": np.zeros(n, np.int32)}
+    chunk = ChunkArrays(wl=np.linspace(4400.0, 5600.0, 50), flux=np.ones((n, 50)), errors=np.ones((n, 50)), lower=lower, upper=upper,
+                        start=params.copy(), good=np.ones(n, bool), batch=n, n_usable=np.full(n, 50), dtype=np.dtype("float64"))
+    solved = []
+
+    def no_better_fit(compiled, chunk, start, rows):
+        solved.append(rows.size)
+        k = rows.size
+        return {"status": np.full(k, sd.Status.FAILED, np.int8), "loss": np.full(k, np.nan), "params": start[rows], "chi2": np.ones(k),
+                "n_iter": np.zeros(k, np.int32), "jtwj": np.zeros((k, compiled.n_free, compiled.n_free))}
+
+    monkeypatch.setattr(rescue, "solve", no_better_fit)
+    jtwj = np.zeros((n, compiled.n_free, compiled.n_free))
+    assert rescue.restart_suspects(out, jtwj, compiled, chunk, options) == 2  # spectra 5 and 6
+    assert solved == [4]  # their two starts each
+
+
+def test_restricted_host_grid_has_a_fast_fft_length():
+    """The restricted template grid is widened (with the templates' own data) to a 2^a 3^b 5^c
+    length, and the widening changes nothing inside the window."""
+    from sheap_dask.models.host import builtin_templates
+
+    full = builtin_templates("sdss")
+    cut = full.restricted(4400.0, 5600.0)
+    n = cut.n
+    for p in (2, 3, 5):
+        while n % p == 0:
+            n //= p
+    assert n == 1
+    wl = np.linspace(4400.0, 5600.0, 400)
+    np.testing.assert_allclose(cut.evaluate_numpy(wl, 150.0, 80.0), full.evaluate_numpy(wl, 150.0, 80.0), rtol=1e-6, atol=1e-9)
+
+
 # -- derived ---------------------------------------------------------------------------------
 def test_derived_host_fraction_dispersion_luminosity():
     m = sd.models.region("hbeta")

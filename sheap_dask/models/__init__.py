@@ -118,6 +118,12 @@ class Component:
     flux_params : tuple of str, optional
         Local parameters proportional to the flux unit (``flux``, ``norm``, ``amplitude``);
         ``None`` for a custom component: :func:`compose` then detects them on the model.
+    resting_bounds : tuple of str
+        Local parameters whose bounds are stationary points of the component (its derivative
+        in the parameter vanishes there whatever the bound map, e.g. a dispersion added in
+        quadrature, at 0): LM is not held there by the bound, the value is a result, and
+        resting there does not make a spectrum a restart suspect. Listed per component in
+        ``model.metadata["components"][name]["resting_bounds"]`` (full names).
     """
 
     name: str
@@ -130,6 +136,7 @@ class Component:
     continuum: bool = False
     info: dict = field(default_factory=dict)
     flux_params: tuple[str, ...] | None = None
+    resting_bounds: tuple[str, ...] = ()
 
     @property
     def param_names(self) -> list[str]:
@@ -435,6 +442,7 @@ def compose(
         "host": [c.name for c in components if c.kind == "host"],
         "components": {
             c.name: {"kind": c.kind, "params": c.param_names, "line": c.line,
+                     **({"resting_bounds": [f"{c.name}_{p}" for p in c.resting_bounds]} if c.resting_bounds else {}),
                      **{k: v for k, v in c.info.items() if k != "template_obj"}}
             for c in components
         },

@@ -308,8 +308,7 @@ class FeIITemplate(LogLambdaTemplate):
         wl = wavelength.astype(dtype)
         i, w, scale = self.pixel_weights(wl)
 
-        def sample(arr, i, w, scale):  # (..., n) -> (..., n_pix) flux per Angstrom
-            return (arr[..., i] * (1 - w) + arr[..., i + 1] * w) * scale
+        sample = self.sample  # (..., n) -> (..., n_pix) flux per Angstrom
 
         def kernel(fwhm, shift):
             fw = jnp.asarray(fwhm, dtype)

@@ -245,3 +245,12 @@ class LogLambdaTemplate:
         i = jnp.clip(jnp.floor(t), 0, n - 2).astype(jnp.int32)
         w = jnp.clip(t - i, 0.0, 1.0)
         return i, w, jnp.where(inside, 1.0 / jnp.where(inside, wl, 1.0), 0.0)
+
+    @staticmethod
+    def sample(arr, i, w, scale):
+        """Rows of ``arr`` (..., n) on the grid interpolated at pixel weights ``(i, w, scale)``
+        of :meth:`pixel_weights` (..., n_pix), as flux per Angstrom. ``i`` is already clipped
+        into the grid, so the gathers skip JAX's negative-index handling (~1.5x faster)."""
+        left = jnp.take(arr, i, axis=-1, mode="clip")
+        right = jnp.take(arr, i + 1, axis=-1, mode="clip")
+        return (left * (1 - w) + right * w) * scale
