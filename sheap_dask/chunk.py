@@ -295,8 +295,12 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     finish_quality(out, good, compiled, chunk, options)
     absent_lines, unused = absent_line_components(out["params"], out["at_bound"], compiled, chunk)
     err, undefined, cov = parameter_errors(jtwj, compiled, out, options, chunk.upper - chunk.lower, absent=absent_lines, unused=unused)
-    # undefined errors of an absent component's shape are expected (its detection bit says so)
-    undefined &= (np.isnan(err) & ~absent_params(out["params"], out["at_bound"], compiled, chunk)).any(axis=1)
+    # undefined errors of an absent component's shape are expected (its detection bit says so),
+    # and of a parameter with a resting bound (a host dispersion): the model's derivative
+    # vanishes towards that bound, so its error is NaN for any value near it (rounding decides
+    # which), and the NaN in params_err says so
+    expected = absent_params(out["params"], out["at_bound"], compiled, chunk) | compiled.resting_bound_mask[None, :]
+    undefined &= (np.isnan(err) & ~expected).any(axis=1)
     out["quality"][undefined] |= Quality.ERRORS_UNDEFINED
     # back to the input's unit
     out["params"] *= param_scale

@@ -44,7 +44,8 @@ _MESSAGES = {
     Quality.CHI2_OUTLIER: "reduced chi-square above median * (1 + redchi2_sigma * sqrt(2/dof)) of its chunk",
     Quality.FALLBACK_USED: "the SLSQP fallback produced the final parameters",
     Quality.ERRORS_UNDEFINED: ("some parameter errors are NaN: a degenerate direction of the covariance"
-                               " (those of an absent component's shape do not count)"),
+                               " (those of an absent component's shape and of a resting-bound parameter, a host"
+                               " dispersion near 0, do not count)"),
     Quality.BROAD_LINE_UNDETECTED: "a broad line's flux is below its detection threshold (flux / error)",
     Quality.NARROW_LINE_UNDETECTED: "a narrow line's flux is below its detection threshold (flux / error)",
 }

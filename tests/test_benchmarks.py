@@ -46,3 +46,19 @@ def test_table_marks_unmet_targets():
     assert "warm 3.0x curvefit (target 10x): **unmet**, 3.3x short" in text
     records[0]["speedup_warm"] = 12.0
     assert "warm 12.0x curvefit (target 10x): met" in models_table.render(records, models_table.load_profile())
+
+
+def test_readme_continuum_bias_is_the_recorded_benchmark():
+    """The README's staged-continuum figures are what ``bench_continuum.py --record`` wrote,
+    and the last line measured the windows the H-beta region uses now."""
+    import bench_continuum
+
+    import sheap_dask as sd
+
+    records = [json.loads(line) for line in bench_continuum.RECORD.read_text().splitlines() if line.strip()]
+    readme = bench_continuum.README.read_text()
+    block = readme.split(bench_continuum.BEGIN)[1].split(bench_continuum.END)[0].strip()
+    assert block == bench_continuum.render_readme(records), "run `python benchmarks/bench_continuum.py --write-readme`"
+    model = sd.models.region("hbeta", host=False)
+    assert records[-1]["windows"] == [list(w) for w in model.continuum_stage.windows]
+    assert records[-1]["heii_fwhm_max"] == model.params["heii4686_fwhm"].max

@@ -212,6 +212,30 @@ def test_host_dispersion_at_zero_is_not_a_restart_suspect(monkeypatch):
     assert solved == [4]  # their two starts each
 
 
+def test_unresolved_host_dispersion_error_is_nan_without_errors_undefined():
+    """Towards host_sigma = 0 the model's derivative in sigma vanishes, so its error is NaN for
+    small dispersions (rounding decides which): that NaN stays in params_err but does not raise
+    errors_undefined; a NaN error of any other parameter still does."""
+    from sheap_dask.chunk import fit_chunk
+
+    model = sd.models.region("hbeta").continuum_stage.model
+    names = model.param_names
+    wl = np.linspace(4400.0, 5600.0, 900)
+    sigmas = [0.0, 0.0, 0.5, 1.0, 2.0, 3.0, 5.0, 150.0]
+    truth = np.tile(np.asarray(model.params.values, dtype=float), (len(sigmas), 1))
+    truth[:, names.index("host_w1")] = 3.0
+    truth[:, names.index("host_sigma")] = sigmas
+    flux = model.evaluate(wl, truth)
+    err = 0.02 * np.median(flux, axis=1, keepdims=True) * np.ones_like(flux)
+    out = fit_chunk(model, wl, flux + np.random.default_rng(1).normal(size=flux.shape) * err, 1 / err**2)
+    nan_err = np.isnan(out["params_err"])
+    sigma_only = nan_err[:, names.index("host_sigma")] & (nan_err.sum(axis=1) == 1)
+    assert sigma_only.any()  # the case this is about happens here
+    flagged = (out["quality"] & sd.Quality.ERRORS_UNDEFINED) != 0
+    others = np.delete(nan_err, names.index("host_sigma"), axis=1).any(axis=1)
+    np.testing.assert_array_equal(flagged, others)
+
+
 def test_restricted_host_grid_has_a_fast_fft_length():
     """The restricted template grid is widened (with the templates' own data) to a 2^a 3^b 5^c
     length, and the widening changes nothing inside the window."""

@@ -259,14 +259,16 @@ def test_region_parameter_counts_and_catalogue():
     assert ha.params["oi6364_flux"].tie == ("oi6364_flux", "oi6300_flux", "/", 3.0)
     # the continuum is fitted first on the line-free windows, then the lines on top
     assert hb.continuum_stage.model.param_names == ["powerlaw_norm", "powerlaw_index", "feii_amplitude", "feii_fwhm", "feii_shift"]
-    assert hb.continuum_stage.windows == ((4435.0, 4700.0), (5100.0, 5535.0))
+    assert hb.continuum_stage.windows == ((4435.0, 4640.0), (5100.0, 5535.0))
     assert sd.models.region("hbeta", continuum="joint").continuum_stage is None
     assert set(sd.models.region("mgii").metadata["lines"]) == {"mgii_broad", "mgii_narrow"}
     assert set(sd.models.region("civ").metadata["lines"]) == {"civ_broad", "heii1640", "oiii1663"}
     assert sd.models.region("mgii", balmer=True).metadata["continuum"] == ["powerlaw", "balmer", "feii"]
     for p in hb.params:  # documented bounds
-        if p.name.endswith("_fwhm") and p.name.startswith(("hbeta_broad", "heii")):
+        if p.name.endswith("_fwhm") and p.name.startswith("hbeta_broad"):
             assert (p.min, p.max) == (1000.0, 20000.0)
+        if p.name == "heii4686_fwhm":  # capped: wider, it fills the gap between the continuum window and H-beta
+            assert (p.min, p.max) == (1000.0, 10000.0)
         if p.name.endswith("_fwhm") and p.name.startswith(("hbeta_narrow", "oiii")):
             assert (p.min, p.max) == (100.0, 1200.0)
         if p.name.endswith(("_flux", "_norm", "_amplitude")):
