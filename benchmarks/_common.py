@@ -137,3 +137,12 @@ def machine() -> dict:
 def emit(record: dict) -> None:
     """One JSON line on stdout: the benchmark's result."""
     print(json.dumps(record, sort_keys=False), flush=True)
+
+
+def replace_generated(text: str, begin: str, end: str, body: str) -> str:
+    """``text`` with what stands between the markers ``begin`` and ``end`` replaced by ``body``
+    (a README block that a script generates and a test checks)."""
+    if begin not in text or end not in text:
+        raise SystemExit(f"README.md has no {begin} ... {end} block")
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start] + "\n" + body + "\n" + text[stop:]

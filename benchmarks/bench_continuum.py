@@ -82,12 +82,20 @@ def render_readme(records: list[dict]) -> str:
     return text
 
 
+def load(path: Path = RECORD) -> list[dict]:
+    """The recorded lines, oldest first."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def readme_with_paragraph(readme: str) -> str:
+    """``readme`` with its continuum-bias block rendered from the record."""
+    from _common import replace_generated
+
+    return replace_generated(readme, BEGIN, END, render_readme(load()))
+
+
 def write_readme(path: Path = README) -> None:
-    text = path.read_text()
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    records = [json.loads(line) for line in RECORD.read_text().splitlines() if line.strip()]
-    path.write_text(f"{head}{BEGIN}\n{render_readme(records)}\n{END}{tail}")
+    path.write_text(readme_with_paragraph(path.read_text()))
 
 
 def main() -> None:
@@ -108,7 +116,9 @@ def main() -> None:
                   "heii_fwhm_max": float(staged.params["heii4686_fwhm"].max),
                   "staged": measure(staged, ds, args.chunk),
                   "joint": measure(sd.models.region("hbeta", host=False, continuum="joint"), ds, args.chunk)}
-        print(json.dumps(record))
+        from _common import emit
+
+        emit(record)
         if args.record:
             with open(RECORD, "a") as out:
                 out.write(json.dumps(record) + "\n")

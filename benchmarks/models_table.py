@@ -149,10 +149,9 @@ def render(records: list[dict], profile: list[dict] | None = None) -> str:
 
 
 def readme_with_table(readme: str, table: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-    start, stop = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-    return readme[:start] + "\n" + table + "\n" + readme[stop:]
+    from _common import replace_generated
+
+    return replace_generated(readme, BEGIN, END, table)
 
 
 def run_all(extra: list[str]) -> None:

@@ -55,10 +55,9 @@ def test_readme_continuum_bias_is_the_recorded_benchmark():
 
     import sheap_dask as sd
 
-    records = [json.loads(line) for line in bench_continuum.RECORD.read_text().splitlines() if line.strip()]
+    records = bench_continuum.load()
     readme = bench_continuum.README.read_text()
-    block = readme.split(bench_continuum.BEGIN)[1].split(bench_continuum.END)[0].strip()
-    assert block == bench_continuum.render_readme(records), "run `python benchmarks/bench_continuum.py --write-readme`"
+    assert bench_continuum.readme_with_paragraph(readme) == readme, "run `python benchmarks/bench_continuum.py --write-readme`"
     model = sd.models.region("hbeta", host=False)
     assert records[-1]["windows"] == [list(w) for w in model.continuum_stage.windows]
     assert records[-1]["heii_fwhm_max"] == model.params["heii4686_fwhm"].max
