@@ -46,6 +46,9 @@ BROAD_SHIFT = 3000.0
 NARROW_SHIFT = 1000.0
 WING_FWHM = (500.0, 2500.0)
 WING_SHIFT = (-2000.0, 500.0)
+#: HeII 4686's FWHM cap (km/s): wider, the line fills the gap between H-beta's blue continuum
+#: window (<= 4640 A) and H-beta and cannot be told from the continuum and H-beta's wing
+HEII4686_FWHM_MAX = 10000.0
 #: ``host="auto"`` puts the host galaxy in regions whose window starts at or redward of this
 #: rest wavelength (A): there the stellar features (4000 A break, H-beta, Mg b, Fe, Na D
 #: absorption) fall and the starlight of low-luminosity quasars is a large part of the
@@ -111,10 +114,8 @@ def _build_hbeta(spec, n_broad, feii, share_narrow, balmer, feii_template, windo
         _narrow("hbeta_narrow", LINES["hbeta"]),
         _narrow("oiii5007", LINES["oiii5007"]),
         _narrow("oiii4959", LINES["oiii4959"]),
-        # HeII 4686 in quasars is mostly broad (BLR); own kinematics, FWHM <= 10000 km/s: wider,
-        # it fills the gap between the blue continuum window and H-beta and cannot be told from
-        # the continuum and H-beta's wing (see the README)
-        line("heii4686", LINES["heii4686"], fwhm=(3000.0, 1000.0, 10000.0), shift=(0.0, -BROAD_SHIFT, BROAD_SHIFT), line_kind="broad"),
+        # HeII 4686 in quasars is mostly broad (BLR); own kinematics, width capped
+        line("heii4686", LINES["heii4686"], fwhm=(3000.0, BROAD_FWHM[0], HEII4686_FWHM_MAX), shift=(0.0, -BROAD_SHIFT, BROAD_SHIFT), line_kind="broad"),
     ]
     ties = [f"oiii4959_flux = oiii5007_flux / {OIII_RATIO}", *_same_kinematics("oiii4959", "oiii5007")]
     if share_narrow:
