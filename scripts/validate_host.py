@@ -174,11 +174,17 @@ def render(rows: list[dict]) -> str:
 def render_bench(rec: dict) -> str:
     """One paragraph of a synthetic benchmark's recorded line."""
     templates = rec.get("templates", "sdss")
+
+    def pct(key):  # with its binomial standard error where the record has one
+        se = rec.get(f"{key}_se")
+        return f"{100 * rec[key]:.1f}%" + (f" ± {100 * se:.1f}" if se is not None else "")
+
+    scored = f"the {rec['n_scored']} spectra" if "n_scored" in rec else "the spectra"
     return (f"Synthetic quasar + host spectra, `{templates}` templates (`python benchmarks/bench_host.py --template {templates} "
-            f"--record`: {rec['n_spectra']} spectra, chunks of {rec['chunk']}, f_host(5100) 0–0.8, S/N 10–40; the spectra with "
-            f"S/N ≥ 10): host fraction within 0.1 of the truth for {100 * rec['frac_host_5100_within_0.1']:.1f}% (median error "
-            f"{rec['frac_host_5100_median_abs_error']:.3f}); broad Hβ FWHM within 10% for "
-            f"{100 * rec['fwhm_within_10pct_host_on']:.1f}% with the host and {100 * rec['fwhm_within_10pct_host_off']:.1f}% "
+            f"--record`: {rec['n_spectra']} spectra, chunks of {rec['chunk']}, f_host(5100) 0–0.8, S/N 10–40; {scored} with "
+            f"S/N ≥ 10; ± the binomial standard error): host fraction within 0.1 of the truth for "
+            f"{pct('frac_host_5100_within_0.1')} (median error {rec['frac_host_5100_median_abs_error']:.3f}); broad Hβ FWHM within "
+            f"10% for {pct('fwhm_within_10pct_host_on')} with the host and {pct('fwhm_within_10pct_host_off')} "
             f"without; throughput {rec['spectra_per_s_host_on']:.1f} vs {rec['spectra_per_s_host_off']:.1f} spectra/s warm "
             f"(one process, the two models taking turns chunk by chunk): the host costs **{rec['cost_ratio']:.2f}x** (targets: ≥ 90% "
             f"each, ≤ 1.5x).")

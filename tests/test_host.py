@@ -308,7 +308,7 @@ def test_synthetic_host_option():
 
 def test_synthetic_recovery_and_accessor():
     """Host fraction within 0.1 and broad H-beta FWHM within 10% at S/N >= 10 (the issue's
-    target, >= 90%, is measured on 400 spectra by benchmarks/bench_host.py; 48 spectra here,
+    target, >= 90%, is measured on 1200 spectra by benchmarks/bench_host.py; 48 spectra here,
     so the bar is 85%: one spectrum is 2%)."""
     import dask
 
