@@ -4,6 +4,7 @@ Run from the repository root::
 
     python scripts/validate_host.py [--spectra DIR] [--json OUT.jsonl] [--record]
     python scripts/validate_host.py --write-readme   # re-render the README from the record
+    python scripts/validate_host.py --figure         # docs/host_broad_profiles.png
 
 Fits, in one run with the same code, H-beta (with the [OIII] wing, as ``examples/real_sdss.py``)
 and H-alpha of
@@ -21,7 +22,9 @@ which comes from these spectra.
 Prints one JSON line per (spectrum, region, host) with the broad line's FWHM and its error
 (``fits.sheap.fwhm(..., errors=True)``), whether it is detected, the reduced chi-square, and
 with the host the host fraction at 4200/5100 A, the stellar dispersion and log lambda L5100
-of the AGN alone; then a Markdown summary. ``--record`` keeps the lines in
+of the AGN alone; then a Markdown summary. ``--figure`` draws, for the three quasars, the broad
+H-beta and H-alpha of the default fits in velocity (``FIGURE``): the data minus every other
+component beside the fitted broad line, so the two Balmer lines' profiles can be compared. ``--record`` keeps the lines in
 ``benchmarks/results/host_validation.jsonl`` and renders the README's before/after table
 (between ``<!-- generated:host-table -->`` markers) from them; ``tests/test_host.py`` checks
 that the README holds exactly that rendering.
@@ -102,11 +105,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the JSON lines here")
     ap.add_argument("--record", action="store_true", help="record the lines and re-render the README's table")
     ap.add_argument("--write-readme", action="store_true", help="only re-render the README's table from the record")
+    ap.add_argument("--figure", action="store_true", help=f"only draw {FIGURE.relative_to(REPO)}")
     args = ap.parse_args(argv)
     if args.write_readme:
         write_readme()
         return 0
     dask.config.set(scheduler="synchronous")
+    if args.figure:
+        qso = sd.io.read_sdss_spectra([str(args.spectra / f) for f in QUASARS.values()])
+        profile_figure(qso).savefig(FIGURE, dpi=90)
+        print(f"wrote {FIGURE}")
+        return 0
     rows = []
     qso = sd.io.read_sdss_spectra([str(args.spectra / f) for f in QUASARS.values()])
     gal = sd.io.read_sdss_spectra([str(args.spectra / f) for f in GALAXIES.values()])
@@ -134,10 +143,61 @@ def main(argv=None) -> int:
 
 
 RECORD = REPO / "benchmarks" / "results" / "host_validation.jsonl"
+FIGURE = REPO / "docs" / "host_broad_profiles.png"
+REST = {"hbeta": 4862.68, "halpha": 6564.61}  # vacuum, as sheap_dask.models.lines.LINES
 BENCH_RECORD = REPO / "benchmarks" / "results" / "host.jsonl"  # benchmarks/bench_host.py --record
 README = REPO / "README.md"
 BEGIN, END = "<!-- generated:host-table -->", "<!-- /generated:host-table -->"
 LINE_NAMES = {"hbeta": "Hβ", "halpha": "Hα"}
+
+
+def profile_figure(qso):
+    """One panel per quasar: broad H-beta and H-alpha of the default fits (host, ``sdss``
+    templates) in velocity, each normalised to its fitted broad line's peak; thin: the data
+    minus every other fitted component (continuum, host, FeII, narrow lines, HeII), smoothed
+    over 7 pixels; thick: the fitted broad line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import sheap_dask as sd
+
+    c_kms = 299792.458
+    fig, axes = plt.subplots(1, len(QUASARS), figsize=(4.2 * len(QUASARS), 3.6), sharey=True)
+    colours = {"hbeta": "tab:blue", "halpha": "tab:red"}
+    for region, (opts, line) in REGIONS.items():
+        model = sd.models.region(region, **opts)
+        fits = sd.fit_dataset(qso, model, progress=False).compute()
+        fits.sheap.use(spectra=qso, model=model)
+        comps = fits.sheap.components(frame="rest").compute()
+        names = [str(n) for n in comps.component.values]
+        broad = [names.index(n) for n in model.metadata["lines"][line]["components"]]
+        others = [k for k in range(len(names)) if k not in broad]
+        fw = fits.sheap.fwhm(line, errors=True).compute()
+        for i, ax in enumerate(np.atleast_1d(axes)):
+            z = float(qso.redshift.values[i])
+            velocity = (qso.wavelength.values / (1 + z) / REST[region] - 1) * c_kms
+            values = comps.values[i]
+            residual = qso.flux.values[i] * (1 + z) - values[:, others].sum(axis=1)
+            profile = values[:, broad].sum(axis=1)
+            near = np.abs(velocity) < 15000
+            peak = np.nanmax(profile[near])
+            smooth = np.convolve(np.nan_to_num(residual), np.ones(7) / 7, mode="same")
+            width = f"{fw[f'fwhm_{line}'].values[i]:.0f} ± {fw[f'fwhm_{line}_err'].values[i]:.0f}"
+            ax.plot(velocity[near] / 1000, smooth[near] / peak, color=colours[region], lw=0.6, alpha=0.7)
+            ax.plot(velocity[near] / 1000, profile[near] / peak, color=colours[region], lw=2,
+                    label=f"{LINE_NAMES[region]} broad, FWHM {width} km/s")
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set_title(list(QUASARS)[i], fontsize=10)
+            ax.set_xlabel("velocity from the line [1000 km/s]")
+            ax.legend(fontsize=7, loc="upper left")
+    np.atleast_1d(axes)[0].set_ylabel("flux / fitted broad peak")
+    np.atleast_1d(axes)[0].set_ylim(-0.6, 1.9)
+    fig.suptitle("Broad Balmer lines of the low-luminosity quasars (host on, sdss templates): data minus every other "
+                 "component (thin) and the fitted broad line (thick)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def load(path: Path = RECORD) -> list[dict]:

@@ -1,5 +1,5 @@
 """The layering of DESIGN.md, read from the code's imports (function-level ones included), and
-the old import paths the README shows."""
+the old import paths and the repository files the README shows."""
 
 from __future__ import annotations
 
@@ -124,3 +124,16 @@ def test_readme_lists_every_module():
     # a sub-package's __init__.py is its folder's line
     modules = {m for m in modules if not (m.endswith("/__init__.py") and m.count("/") == 1 and m not in listed)}
     assert sorted(modules - listed) == [] and sorted(listed - modules) == []
+
+
+def test_files_the_readme_links_to_exist():
+    """Every repository file the README links or shows (``[..](path)``, ``![..](path)``) is in
+    the repository: a renamed figure or table must not leave a dead link."""
+    import re
+
+    repo = PACKAGE.parent
+    readme = (repo / "README.md").read_text(encoding="utf-8")
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", readme) if ":" not in t and not t.startswith("#")]
+    assert "docs/host_broad_profiles.png" in targets  # scripts/validate_host.py --figure
+    missing = [t for t in targets if not (repo / t).is_file()]
+    assert not missing, f"README links to files that are not in the repository: {missing}"
