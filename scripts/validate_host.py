@@ -22,12 +22,12 @@ which comes from these spectra.
 Prints one JSON line per (spectrum, region, host) with the broad line's FWHM and its error
 (``fits.sheap.fwhm(..., errors=True)``), whether it is detected, the reduced chi-square, and
 with the host the host fraction at 4200/5100 A, the stellar dispersion and log lambda L5100
-of the AGN alone; then a Markdown summary. ``--figure`` draws, for the three quasars, the broad
-H-beta and H-alpha of the default fits in velocity (``FIGURE``): the data minus every other
-component beside the fitted broad line, so the two Balmer lines' profiles can be compared. ``--record`` keeps the lines in
+of the AGN alone; then a Markdown summary. ``--record`` keeps the lines in
 ``benchmarks/results/host_validation.jsonl`` and renders the README's before/after table
 (between ``<!-- generated:host-table -->`` markers) from them; ``tests/test_host.py`` checks
-that the README holds exactly that rendering.
+that the README holds exactly that rendering. ``--figure`` draws, for the three quasars, the
+broad H-beta and H-alpha of the default fits in velocity (``FIGURE``): the data minus every
+other component beside the fitted broad line, so the two Balmer lines' profiles can be compared.
 """
 
 from __future__ import annotations
@@ -111,13 +111,12 @@ def main(argv=None) -> int:
         write_readme()
         return 0
     dask.config.set(scheduler="synchronous")
+    qso = sd.io.read_sdss_spectra([str(args.spectra / f) for f in QUASARS.values()])
     if args.figure:
-        qso = sd.io.read_sdss_spectra([str(args.spectra / f) for f in QUASARS.values()])
         profile_figure(qso).savefig(FIGURE, dpi=90)
         print(f"wrote {FIGURE}")
         return 0
     rows = []
-    qso = sd.io.read_sdss_spectra([str(args.spectra / f) for f in QUASARS.values()])
     gal = sd.io.read_sdss_spectra([str(args.spectra / f) for f in GALAXIES.values()])
     for region in REGIONS:
         for data in (qso, gal):
@@ -144,7 +143,6 @@ def main(argv=None) -> int:
 
 RECORD = REPO / "benchmarks" / "results" / "host_validation.jsonl"
 FIGURE = REPO / "docs" / "host_broad_profiles.png"
-REST = {"hbeta": 4862.68, "halpha": 6564.61}  # vacuum, as sheap_dask.models.lines.LINES
 BENCH_RECORD = REPO / "benchmarks" / "results" / "host.jsonl"  # benchmarks/bench_host.py --record
 README = REPO / "README.md"
 BEGIN, END = "<!-- generated:host-table -->", "<!-- /generated:host-table -->"
@@ -162,8 +160,9 @@ def profile_figure(qso):
     import matplotlib.pyplot as plt
 
     import sheap_dask as sd
+    from sheap_dask.models.lines import LINES
+    from sheap_dask.models.profiles import C_KMS
 
-    c_kms = 299792.458
     fig, axes = plt.subplots(1, len(QUASARS), figsize=(4.2 * len(QUASARS), 3.6), sharey=True)
     colours = {"hbeta": "tab:blue", "halpha": "tab:red"}
     for region, (opts, line) in REGIONS.items():
@@ -177,7 +176,7 @@ def profile_figure(qso):
         fw = fits.sheap.fwhm(line, errors=True).compute()
         for i, ax in enumerate(np.atleast_1d(axes)):
             z = float(qso.redshift.values[i])
-            velocity = (qso.wavelength.values / (1 + z) / REST[region] - 1) * c_kms
+            velocity = (qso.wavelength.values / (1 + z) / LINES[region] - 1) * C_KMS
             values = comps.values[i]
             residual = qso.flux.values[i] * (1 + z) - values[:, others].sum(axis=1)
             profile = values[:, broad].sum(axis=1)
