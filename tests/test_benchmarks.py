@@ -3,6 +3,7 @@
 ``benchmarks/results/models.jsonl`` (``bench_models.py``) and ``profile_models.jsonl``
 (``profile_models.py``) hold the JSON lines as printed; ``benchmarks/models_table.py``
 renders them into README.md. Re-run and re-render: ``python benchmarks/models_table.py --run``.
+Also the continuum-bias paragraph (``bench_continuum.py``) and the host benchmark's statistics.
 """
 
 from __future__ import annotations
@@ -61,3 +62,26 @@ def test_readme_continuum_bias_is_the_recorded_benchmark():
     model = sd.models.region("hbeta", host=False)
     assert records[-1]["windows"] == [list(w) for w in model.continuum_stage.windows]
     assert records[-1]["heii_fwhm_max"] == model.params["heii4686_fwhm"].max
+
+
+def test_host_benchmark_calibration_and_fraction():
+    """bench_host's error calibration: honest Gaussian errors give ~68% / ~95% within 1 / 2
+    errors and an expected fraction within the tolerance of erf(tol / (sqrt(2) sigma)); errors
+    half as large as the scatter are caught; the binomial standard error is sqrt(p(1-p)/n)."""
+    import numpy as np
+
+    import bench_host
+
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(0, 0.8, 20000)
+    sigma = np.full(truth.size, 0.05)
+    value = truth + rng.normal(0, 0.05, truth.size)
+    honest = bench_host.calibration("f", value, sigma, truth, 0.1)
+    assert abs(honest["f_within_1_error"] - 0.683) < 0.01 and abs(honest["f_within_2_errors"] - 0.954) < 0.01
+    assert abs(honest["f_expected_from_errors"] - 0.954) < 0.001  # erf(2 / sqrt(2))
+    assert abs(np.mean(np.abs(value - truth) <= 0.1) - honest["f_expected_from_errors"]) < 0.01
+    sigma[:10] = np.nan  # undefined errors are counted apart, not as misses
+    overconfident = bench_host.calibration("f", value, sigma / 2, truth, 0.1)
+    assert overconfident["f_errors_defined"] == round(1 - 10 / truth.size, 3)
+    assert overconfident["f_within_1_error"] < 0.45
+    assert bench_host.fraction(np.array([True] * 90 + [False] * 10)) == (0.9, 0.03)
