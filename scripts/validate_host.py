@@ -263,10 +263,10 @@ def calibration_sentence(rec: dict) -> str:
 
 def write_readme(path: Path = README) -> None:
     """Replace the README's host block with the rendering of the records."""
-    text = path.read_text()
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    path.write_text(f"{head}{BEGIN}\n{render_all()}\n{END}{tail}")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from _common import replace_generated  # the benchmarks' README-block helper
+
+    path.write_text(replace_generated(path.read_text(), BEGIN, END, render_all()))
 
 
 def render_all() -> str:
