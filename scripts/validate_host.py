@@ -77,6 +77,8 @@ def fit(ds, region: str, **kwargs) -> dict:
     for i in range(fits.sizes["spectrum"]):
         row = {
             "spectrum": str(ds.specname.values[i]) if "specname" in ds.coords else i,
+            # the SDSS pipeline's own call (SUBCLASS "BROADLINE": a broad line it detected)
+            "sdss_class": f"{ds.objclass.values[i]} {ds.subclass.values[i]}".strip() if "subclass" in ds.coords else "",
             "region": region,
             "host": host,
             "fwhm": float(fw[f"fwhm_{line}"].values[i]),
@@ -217,15 +219,15 @@ def render(rows: list[dict]) -> str:
             return "–"
         return f"{value:.2f} ± {error:.2f}" if np.isfinite(error) else f"{value:.2f}"
 
-    lines = ["| spectrum | line | FWHM without host | FWHM, `sdss` templates | FWHM, `mastar` templates "
-             "| χ²ν without → `sdss` / `mastar` | f_host(5100) `sdss` / `mastar` |", "|---|---|---|---|---|---|---|"]
+    lines = ["| spectrum | SDSS class | line | FWHM without host | FWHM, `sdss` templates | FWHM, `mastar` templates "
+             "| χ²ν without → `sdss` / `mastar` | f_host(5100) `sdss` / `mastar` |", "|---|---|---|---|---|---|---|---|"]
     by = {(r["spectrum"], r["region"], r.get("templates") if r["host"] else None): r for r in rows}
     for (spec, region, templates), before in by.items():
         if templates is not None:
             continue
         sdss, mastar = by[(spec, region, "sdss")], by[(spec, region, "mastar")]
-        label = spec if spec in QUASARS else f"{spec} (GALAXY; `sdss` leave-one-out)"
-        lines.append(f"| {label} | {LINE_NAMES[region]} | {width(before)} | {width(sdss)} | {width(mastar)} "
+        label = spec if spec in QUASARS else f"{spec} (`sdss` leave-one-out)"
+        lines.append(f"| {label} | {before.get('sdss_class') or '–'} | {LINE_NAMES[region]} | {width(before)} | {width(sdss)} | {width(mastar)} "
                      f"| {before['redchi2']:.2f} → {sdss['redchi2']:.2f} / {mastar['redchi2']:.2f} | {fraction(sdss)} / {fraction(mastar)} |")
     return "\n".join(lines)
 

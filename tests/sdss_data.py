@@ -48,5 +48,5 @@ def _coadd(path):
         t = h[2].data
         return (
             {k: np.asarray(d[k]) for k in ("flux", "loglam", "ivar", "and_mask")},
-            {k: t[k][0] for k in ("Z", "PLATE", "MJD", "FIBERID")},
+            {k: t[k][0] for k in ("Z", "PLATE", "MJD", "FIBERID", "CLASS", "SUBCLASS")},
         )

@@ -42,9 +42,18 @@ def test_ingest_metadata_matches_files_and_manifest(shared_spectra, sdss_files, 
         assert ds.mjd.values[s] == meta["MJD"]
         assert ds.fiberid.values[s] == meta["FIBERID"]
         assert ds.filename.values[s] == path.split("/")[-1]
+        # the pipeline's classification, its own broad-line call included
+        assert (ds.objclass.values[s], ds.subclass.values[s]) == (meta["CLASS"].strip(), meta["SUBCLASS"].strip())
         assert ds.specname.values[s] == f"spec-{meta['PLATE']:04d}-{meta['MJD']:05d}-{meta['FIBERID']:04d}"
         if manifest[path]:
             assert ds.redshift.values[s] == pytest.approx(float(manifest[path]), abs=1.5e-3)
+
+
+def test_pipeline_subclass_is_read(shared_spectra):
+    ds = sio.read_sdss_spectra([shared_spectra / "gelato_examples" / f for f in ("spec-0295-51585-0596.fits", "spec-0280-51612-0117.fits")])
+    assert list(ds.objclass.values) == ["GALAXY", "QSO"]
+    assert list(ds.subclass.values) == ["AGN", "AGN BROADLINE"]
+    assert "SUBCLASS" in ds.subclass.attrs["long_name"]
 
 
 def test_ingest_masks_outside_coverage_and_mask_bits(sdss_files, ingested):

@@ -100,7 +100,7 @@ def _scan_sdss_file(path: str, ebv_mode: str | None) -> dict[str, Any]:
             )
         if hdul[2].header.get("XTENSION", "").strip() != "BINTABLE":
             raise InputDataError(f"{path}: HDU2 is not the SPECOBJ/SPALL table of an SDSS spec file")
-        wanted = ("z", "z_err", "zwarning", "plate", "mjd", "fiberid", "plug_ra", "plug_dec", "ra", "dec", "class", "extinction")
+        wanted = ("z", "z_err", "zwarning", "plate", "mjd", "fiberid", "plug_ra", "plug_dec", "ra", "dec", "class", "subclass", "extinction")
         row = table_row(hdul, 2, wanted)
         hdr0 = hdul[0].header
         hdu2_name = hdul[2].name
@@ -130,6 +130,7 @@ def _scan_sdss_file(path: str, ebv_mode: str | None) -> dict[str, Any]:
             "ra": float(get("PLUG_RA", "RA", default=np.nan)),
             "dec": float(get("PLUG_DEC", "DEC", default=np.nan)),
             "objclass": str(get("CLASS", default="")).strip(),
+            "subclass": str(get("SUBCLASS", default="")).strip(),
         }
         if ebv_mode is not None:
             ext = get("EXTINCTION")
@@ -330,6 +331,8 @@ class _SdssPlan:
             "ra": (spectrum_dim, col("ra", np.float64), {"units": "deg"}),
             "dec": (spectrum_dim, col("dec", np.float64), {"units": "deg"}),
             "objclass": (spectrum_dim, col("objclass", object), {"long_name": "pipeline CLASS"}),
+            # the pipeline's own broad-line call ("BROADLINE"), to compare ours with
+            "subclass": (spectrum_dim, col("subclass", object), {"long_name": "pipeline SUBCLASS (e.g. AGN, STARFORMING, BROADLINE)"}),
             "specname": (spectrum_dim, col("specname", object), {"long_name": "spec-PLATE-MJD-FIBER"}),
             "filename": (spectrum_dim, col("filename", object), {"long_name": "source file name"}),
         }
@@ -444,7 +447,8 @@ def read_sdss_spectra(
         ``flux`` and ``ivar`` (spectrum, wavelength) float32 in 1e-17 erg/s/cm2/A;
         ``wavelength`` (Angstrom, vacuum, ``10**loglam``) and ``loglam`` along wavelength;
         ``redshift``, ``redshift_err``, ``zwarning``, ``plate``, ``mjd``, ``fiberid``, ``ra``,
-        ``dec``, ``objclass``, ``specname``, ``filename`` (and ``ebv``) along spectrum.
+        ``dec``, ``objclass`` and ``subclass`` (the pipeline's CLASS and SUBCLASS: SUBCLASS holds
+        its own "BROADLINE" call), ``specname``, ``filename`` (and ``ebv``) along spectrum.
 
     Raises
     ------
