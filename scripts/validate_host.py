@@ -185,10 +185,12 @@ def profile_figure(qso):
             near = np.abs(velocity) < 15000
             peak = np.nanmax(profile[near])
             smooth = np.convolve(np.nan_to_num(residual), np.ones(7) / 7, mode="same")
-            width = f"{fw[f'fwhm_{line}'].values[i]:.0f} ± {fw[f'fwhm_{line}_err'].values[i]:.0f}"
+            value = fw[f"fwhm_{line}"].values[i]
+            detected = np.isfinite(value)  # fits.sheap.fwhm is NaN for an undetected line: drawn dashed
+            width = f"FWHM {value:.0f} ± {fw[f'fwhm_{line}_err'].values[i]:.0f} km/s" if detected else "undetected (fit dashed)"
             ax.plot(velocity[near] / 1000, smooth[near] / peak, color=colours[region], lw=0.6, alpha=0.7)
-            ax.plot(velocity[near] / 1000, profile[near] / peak, color=colours[region], lw=2,
-                    label=f"{LINE_NAMES[region]} broad, FWHM {width} km/s")
+            ax.plot(velocity[near] / 1000, profile[near] / peak, color=colours[region], lw=2, ls="-" if detected else "--",
+                    label=f"{LINE_NAMES[region]} broad, {width}")
             ax.axhline(0, color="k", lw=0.5)
             ax.set_title(list(QUASARS)[i], fontsize=10)
             ax.set_xlabel("velocity from the line [1000 km/s]")

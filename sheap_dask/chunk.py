@@ -26,12 +26,13 @@ and reuses the programs for every later chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
 import numpy as np
 
-from .batch import ChunkArrays, clip_inside, group_size, solve, update_redchi2
+from .batch import ChunkArrays, clip_inside, group_size, pinned, solve, update_redchi2
 from .compiled import _STATS, compile_stats, get_compiled
 from .coverage import coverage
 from .errors import InputDataError
@@ -319,7 +320,10 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
     cont_idx = np.array([names.index(n) for n in stage.model.param_names])
     n_spec = np.shape(flux)[0]
     init = None if init is None else np.asarray(init, dtype=np.float64)
-    first = _fit_chunk(stage.model, wavelength, flux, ivar, redshift, None if init is None else init[:, cont_idx], options, pad_to,
+    # refined: the whole-window steps move the parameters the windows' fit left on a bound, so
+    # its batched restarts (a third of a host continuum's time) are not run
+    first_options = dataclasses.replace(options, restarts=False) if getattr(stage, "refine_steps", 0) else options
+    first = _fit_chunk(stage.model, wavelength, flux, ivar, redshift, None if init is None else init[:, cont_idx], first_options, pad_to,
                        penalty_function)
     if stage.lines is not None:
         second = _fit_lines_on_continuum(model, stage, first, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
@@ -383,26 +387,39 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
     group = group_size(max(int(pad_to or len(out["status"])), len(out["status"])))
     flux_mask = np.isin(names, list(getattr(model, "flux_params", ()) or ()))
     p_all = out["params"][rows] / np.where(flux_mask[None, :], scale[:, None], 1.0)
+    refine = int(getattr(stage, "refine_steps", 0))
     parts = {}
     for key, part in (("c", stage.model), ("l", stage.lines)):
         compiled = get_compiled(part, options, penalty_function)
         idx = np.array([names.index(n) for n in part.param_names])
-        E = compiled.embed_matrix  # (part's params, part's free)
-        p = p_all[:, idx]
-        value = _evaluate(compiled, wl_rows, p, group)
-        # one forward difference per free parameter, all in one batch of evaluations
-        step = 1e-6 * np.maximum(np.abs(p @ np.where(E != 0, 1.0, 0.0)), 1.0)  # (n, free)
-        shifted = p[:, None, :] + step[:, :, None] * E.T[None, :, :]  # (n, free, params)
-        n, k = step.shape
-        wl_rep = np.repeat(wl_rows, k, axis=0) if np.ndim(wl_rows) == 2 else wl_rows
-        moved = _evaluate(compiled, wl_rep, shifted.reshape(n * k, -1), group).reshape(n, k, -1)
-        parts[key] = (idx, E, value, (moved - value[:, None, :]) / step[:, :, None])  # J: (n, free, pix)
+        parts[key] = (idx, compiled.embed_matrix, *_value_and_jacobian(compiled, wl_rows, p_all[:, idx], group))
     (c_idx, Ec, cont, Jc), (l_idx, El, lines, Jl) = parts["c"], parts["l"]
-    weight = inv_var
-    if options.loss_kind == "logcosh":  # the IRLS weights of the robust loss at the solution
-        u = (data - cont - lines) * np.sqrt(inv_var) / float(options.robust_scale)
-        with np.errstate(all="ignore"):
-            weight = inv_var * np.where(np.abs(u) < 1e-4, 1.0 - u * u / 3.0, np.tanh(u) / np.where(u == 0, 1.0, u))
+    if refine:
+        before = _objective(data - cont - lines, inv_var, usable, options)
+        chi2_before = np.sum(np.where(usable, inv_var * (data - cont - lines) ** 2, 0.0), axis=1)
+        compiled_c = get_compiled(stage.model, options, penalty_function)
+        # chord steps: the staged fit's Jacobian serves every step (most continuum parameters
+        # are linear; each step is kept only where it lowers the objective) and then the lines'
+        # error propagation. The continuum keeps the windows' fit's errors: the refined values
+        # scatter less, so they err on the large side (its covariance with the lines held at a
+        # fit on the windows' continuum is not the whole window's). A parameter the windows'
+        # fit left undefined (a host dispersion resting at 0) stays where it is.
+        own = c_idx[np.argmax(Ec != 0, axis=0)]
+        undefined = np.isnan(np.einsum("nii->ni", out["params_cov"][rows][:, own[:, None], own[None, :]]))
+        for _ in range(refine):
+            p_all[:, c_idx], cont = _refine_step(compiled_c, stage.model, p_all[:, c_idx], Ec, cont, Jc, data - lines, inv_var, usable,
+                                                 options, wl_rows, group, undefined)
+        # the reported fit is the refined one: its objective and plain chi-square
+        chi2_after = np.sum(np.where(usable, inv_var * (data - cont - lines) ** 2, 0.0), axis=1)
+        out["chi2"][rows] += chi2_after - chi2_before
+        update_redchi2(out, rows)
+        lines_objective_is_mean = get_compiled(stage.lines, options, penalty_function).objective_is_mean
+        change = _objective(data - cont - lines, inv_var, usable, options) - before
+        out["loss"][rows] += change / np.maximum(usable.sum(axis=1), 1) if lines_objective_is_mean else change
+        out["params"][rows[:, None], c_idx[None, :]] = p_all[:, c_idx] * np.where(flux_mask[c_idx][None, :], scale[:, None], 1.0)
+        lower, upper = (np.broadcast_to(b, p_all[:, c_idx].shape) for b in (stage.model.params.lower, stage.model.params.upper))
+        out["at_bound"][rows[:, None], c_idx[None, :]] = pinned(p_all[:, c_idx], compiled_c, lower, upper, options.pinned_tolerance)
+    weight = _irls_weights(data - cont - lines, inv_var, options)
     F_lc = np.einsum("nip,np,njp->nij", Jl, weight, Jc)
     src_c, src_l = c_idx[np.argmax(Ec != 0, axis=0)], l_idx[np.argmax(El != 0, axis=0)]  # each free parameter's own
     unit = np.where(flux_mask[None, :], scale[:, None], 1.0)
@@ -436,6 +453,77 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
     out["params_err"][rows[:, None], np.flatnonzero(line_params)[None, :]] = np.where(keep_nan[:, line_params], np.nan, err[:, line_params])
     out["quality"] &= ~(Quality.BROAD_LINE_UNDETECTED | Quality.NARROW_LINE_UNDETECTED)
     line_fluxes(out, model, options)
+
+
+def _value_and_jacobian(compiled, wavelength, params, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model (n, pix) and its Jacobian in the free parameters (n, free, pix): one forward
+    difference per free parameter, all in one batch of evaluations of the compiled model."""
+    E = compiled.embed_matrix  # (params, free)
+    value = _evaluate(compiled, wavelength, params, group)
+    step = 1e-6 * np.maximum(np.abs(params @ np.where(E != 0, 1.0, 0.0)), 1.0)  # (n, free)
+    shifted = params[:, None, :] + step[:, :, None] * E.T[None, :, :]  # (n, free, params)
+    n, k = step.shape
+    wl_rep = np.repeat(wavelength, k, axis=0) if np.ndim(wavelength) == 2 else wavelength
+    moved = _evaluate(compiled, wl_rep, shifted.reshape(n * k, -1), group).reshape(n, k, -1)
+    return value, (moved - value[:, None, :]) / step[:, :, None]
+
+
+def _irls_weights(residual, inv_var, options) -> np.ndarray:
+    """The weights of the robust loss at ``residual`` (IRLS: log-cosh's tanh(u)/u), or the
+    inverse variances for a chi-square."""
+    if options.loss_kind != "logcosh":
+        return inv_var
+    u = residual * np.sqrt(inv_var) / float(options.robust_scale)
+    with np.errstate(all="ignore"):
+        return inv_var * np.where(np.abs(u) < 1e-4, 1.0 - u * u / 3.0, np.tanh(u) / np.where(u == 0, 1.0, u))
+
+
+def _objective(residual, inv_var, usable, options) -> np.ndarray:
+    """Per spectrum, the summed loss the fits minimise (log-cosh or chi-square) of ``residual``."""
+    u = np.where(usable, residual, 0.0) * np.sqrt(inv_var)
+    if options.loss_kind != "logcosh":
+        return np.sum(u * u, axis=1)
+    c = float(options.robust_scale)
+    a = np.abs(u / c)
+    return np.sum(c * c * (a + np.log1p(np.exp(-2.0 * a)) - np.log(2.0)), axis=1)
+
+
+def _refine_step(compiled, part, p, E, value, J, target, inv_var, usable, options, wavelength, group, hold) -> np.ndarray:
+    """One projected Gauss-Newton step of ``part`` (the continuum) towards ``target`` (the
+    spectra minus the lines) over the usable pixels, with the IRLS weights of the robust loss.
+    Free parameters in ``hold`` (n, free) do not move; one whose step would leave its range is
+    set on the bound and the others re-solved (up to four rounds); the step is kept only where
+    it lowers the objective. Returns the new parameters (n, params) and the model there (n, pix)."""
+    resid = np.where(usable, target - value, 0.0)
+    weight = _irls_weights(resid, inv_var, options)
+    H = np.einsum("nip,np,njp->nij", J, weight, J, optimize=True)
+    g = np.einsum("nip,np,np->ni", J, weight, resid, optimize=True)
+    src = np.argmax(E != 0, axis=0)  # each free parameter's own
+    lower, upper = part.params.lower[src], part.params.upper[src]
+    x = p[:, src]
+    eye = np.eye(H.shape[1])
+    held = np.asarray(hold, dtype=bool).copy()
+    held_step = np.zeros_like(x)
+    for _ in range(4):
+        free_H = np.where(held[:, :, None] | held[:, None, :], 0.0, H)
+        damping = 1e-3 * np.maximum(np.einsum("nii->ni", free_H), 1e-30)  # Marquardt's, on the free ones
+        system = free_H + (held + np.where(held, 0.0, damping))[:, :, None] * eye[None]
+        rhs = np.where(held, held_step, g - np.einsum("nij,nj->ni", H, np.where(held, held_step, 0.0)))
+        with np.errstate(all="ignore"):
+            try:
+                delta = np.nan_to_num(np.linalg.solve(system, rhs[:, :, None])[:, :, 0])
+            except np.linalg.LinAlgError:  # a singular row: no step anywhere in this chunk
+                return p, value
+        moved = x + delta
+        leaves = ((moved < lower) | (moved > upper)) & ~held
+        if not leaves.any():
+            break
+        held_step = np.where(leaves, np.clip(moved, lower, upper) - x, held_step)
+        held |= leaves
+    trial = np.clip(p + delta @ E.T, part.params.lower, part.params.upper)
+    trial_value = _evaluate(compiled, wavelength, trial, group)
+    lower_objective = _objective(target - trial_value, inv_var, usable, options) < _objective(resid, inv_var, usable, options)
+    return np.where(lower_objective[:, None], trial, p), np.where(lower_objective[:, None], trial_value, value)
 
 
 def _evaluate(compiled, wavelength, params, group: int) -> np.ndarray:

@@ -184,7 +184,8 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oiii-wing", action="store_true", help="hbeta: a blueshifted outflow wing on each [OIII] line")
     p.add_argument("--balmer", action="store_true", help="mgii: add a Balmer continuum")
     p.add_argument("--host", default=None, choices=["auto", "on", "off"], help="host-galaxy starlight (default auto: on for hbeta and halpha)")
-    p.add_argument("--continuum", default=None, choices=["windows", "joint"], help="continuum from line-free windows first (default) or joint")
+    p.add_argument("--continuum", default=None, choices=["windows", "refined", "joint"],
+                   help="continuum from line-free windows first (default), then refined over the window (refined), or joint")
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:

@@ -362,6 +362,12 @@ class ContinuumStage:
         stage fits ``lines`` to the spectrum minus the continuum found, and the continuum is
         not evaluated again in every iteration; without it, the full model is fitted with the
         continuum's parameters fixed (``Model.line_stage``).
+    refine_steps : int
+        With ``lines``: after the two stages, this many projected Gauss-Newton steps of the
+        continuum over the whole window on the spectrum minus the lines found (lines held),
+        each kept only where it lowers the objective (default 0: the continuum stays the
+        windows' fit). The windows leave the starlight/power-law split of a host poorly
+        constrained; the window between them (the lines subtracted) carries the rest of it.
 
     The chunk layer fits ``model`` on ``windows`` (batched, with restarts, absorber
     rejection and the fallback like any fit), then the lines on the window with the continuum
@@ -370,12 +376,17 @@ class ContinuumStage:
     the second (Shen et al. 2011, ApJS 194, 45; Wu & Shen 2022, ApJS 263, 42).
     """
 
-    def __init__(self, model: Model, windows: Sequence[tuple[float, float]], *, lines: Model | None = None):
+    def __init__(self, model: Model, windows: Sequence[tuple[float, float]], *, lines: Model | None = None, refine_steps: int = 0):
         for arg, value in (("model", model), ("lines", lines)):
             if value is not None and not isinstance(value, Model):
                 raise ModelError(f"ContinuumStage({arg}=...) must be a sheap_dask.Model, got {type(value).__name__}.")
         self.model = model
         self.lines = lines
+        if not isinstance(refine_steps, (int, np.integer)) or isinstance(refine_steps, bool) or refine_steps < 0:
+            raise ModelError(f"ContinuumStage(refine_steps={refine_steps!r}) must be an integer >= 0.")
+        if refine_steps and lines is None:
+            raise ModelError("ContinuumStage(refine_steps=...) needs lines=...: the refinement holds the lines found.")
+        self.refine_steps = int(refine_steps)
         self.windows = _windows(list(windows), "ContinuumStage(windows=...)")
         if not self.windows:
             raise ModelError("ContinuumStage(windows=...) needs at least one (low, high) range.")
@@ -399,12 +410,18 @@ class ContinuumStage:
             raise ModelError(f"continuum stage parameters {tied} are tied in the model; the stage fixes them, so they must be free.")
 
     def spec(self) -> dict:
-        return {"model": self.model.identity(), "windows": [list(w) for w in self.windows],
-                "lines": None if self.lines is None else self.lines.identity()}
+        out = {"model": self.model.identity(), "windows": [list(w) for w in self.windows],
+               "lines": None if self.lines is None else self.lines.identity()}
+        if self.refine_steps:  # absent when 0: identities of unrefined models stay as they were
+            out["refine_steps"] = self.refine_steps
+        return out
 
     def describe(self) -> dict:
-        return {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows],
-                "lines": None if self.lines is None else self.lines.name}
+        out = {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows],
+               "lines": None if self.lines is None else self.lines.name}
+        if self.refine_steps:
+            out["refine_steps"] = self.refine_steps
+        return out
 
     def __repr__(self) -> str:
         return f"ContinuumStage({self.model.name!r}, windows={list(self.windows)})"
