@@ -366,7 +366,8 @@ class ContinuumStage:
         With ``lines``: after the two stages, this many projected Gauss-Newton steps of the
         continuum over the whole window on the spectrum minus the lines found (lines held),
         each kept only where it lowers the objective (default 0: the continuum stays the
-        windows' fit). The windows leave the starlight/power-law split of a host poorly
+        windows' fit; with steps, that fit skips its batched restarts: the steps move what it
+        left on a bound). The windows leave the starlight/power-law split of a host poorly
         constrained; the window between them (the lines subtracted) carries the rest of it.
 
     The chunk layer fits ``model`` on ``windows`` (batched, with restarts, absorber
@@ -412,14 +413,14 @@ class ContinuumStage:
     def spec(self) -> dict:
         out = {"model": self.model.identity(), "windows": [list(w) for w in self.windows],
                "lines": None if self.lines is None else self.lines.identity()}
-        if self.refine_steps:  # absent when 0: identities of unrefined models stay as they were
+        if getattr(self, "refine_steps", 0):  # absent when 0 (and in stages pickled before it existed)
             out["refine_steps"] = self.refine_steps
         return out
 
     def describe(self) -> dict:
         out = {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows],
                "lines": None if self.lines is None else self.lines.name}
-        if self.refine_steps:
+        if getattr(self, "refine_steps", 0):
             out["refine_steps"] = self.refine_steps
         return out
 
