@@ -413,9 +413,12 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
         chi2_after = np.sum(np.where(usable, inv_var * (data - cont - lines) ** 2, 0.0), axis=1)
         out["chi2"][rows] += chi2_after - chi2_before
         update_redchi2(out, rows)
-        lines_objective_is_mean = get_compiled(stage.lines, options, penalty_function).objective_is_mean
+        # in the lines' objective's own scale: LM's 2 sum(rho) (sum of r^2 for a chi-square),
+        # or the mean of rho of adam/lbfgs
         change = _objective(data - cont - lines, inv_var, usable, options) - before
-        out["loss"][rows] += change / np.maximum(usable.sum(axis=1), 1) if lines_objective_is_mean else change
+        if get_compiled(stage.lines, options, penalty_function).objective_is_mean:
+            change = change / (2.0 if options.loss_kind == "logcosh" else 1.0) / np.maximum(usable.sum(axis=1), 1)
+        out["loss"][rows] += change
         out["params"][rows[:, None], c_idx[None, :]] = p_all[:, c_idx] * np.where(flux_mask[c_idx][None, :], scale[:, None], 1.0)
         lower, upper = (np.broadcast_to(b, p_all[:, c_idx].shape) for b in (stage.model.params.lower, stage.model.params.upper))
         out["at_bound"][rows[:, None], c_idx[None, :]] = pinned(p_all[:, c_idx], compiled_c, lower, upper, options.pinned_tolerance)
@@ -479,13 +482,14 @@ def _irls_weights(residual, inv_var, options) -> np.ndarray:
 
 
 def _objective(residual, inv_var, usable, options) -> np.ndarray:
-    """Per spectrum, the summed loss the fits minimise (log-cosh or chi-square) of ``residual``."""
+    """Per spectrum, LM's objective of ``residual``: 2 sum(rho) with ``loss.robust_rho``'s
+    s^2 log cosh(r/s) (here in float64 numpy), or the sum of r^2 for a chi-square."""
     u = np.where(usable, residual, 0.0) * np.sqrt(inv_var)
     if options.loss_kind != "logcosh":
         return np.sum(u * u, axis=1)
     c = float(options.robust_scale)
     a = np.abs(u / c)
-    return np.sum(c * c * (a + np.log1p(np.exp(-2.0 * a)) - np.log(2.0)), axis=1)
+    return 2.0 * np.sum(c * c * (a + np.log1p(np.exp(-2.0 * a)) - np.log(2.0)), axis=1)
 
 
 def _refine_step(compiled, part, p, E, value, J, target, inv_var, usable, options, wavelength, group, hold) -> np.ndarray:
