@@ -614,8 +614,9 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
         "worker": {"replicas": 2, "resources": {"limits": {"cpu": "1", "memory": "2Gi"}}},
         "sheapConfig": {"fit": {"progress": False}},
         # the stores on a volume mounted at /data in the Job and worker pods (here: a local folder)
-        "fitJob": {"enabled": True, "input": "/data/in.zarr", "output": "/data/out.zarr",
-                   "numSteps": 1000},
+        # the solver's defaults everywhere: the client's fit, the Job and the example script
+        # share one compiled program per worker (each option set compiles its own)
+        "fitJob": {"enabled": True, "input": "/data/in.zarr", "output": "/data/out.zarr"},
     }
     objs = manifests(render(values))
     (svc,) = find(objs, "Service", "rel-sheap-dask-scheduler")
@@ -677,7 +678,7 @@ def test_what_the_chart_starts_fits_spectra(tmp_path):
             model = sd.models.region("hbeta")
             with warnings.catch_warnings():
                 warnings.simplefilter("error", sd.errors.ClusterWarning)
-                fits = sd.fit_dataset(ds, model, client=client, num_steps=1000)
+                fits = sd.fit_dataset(ds, model, client=client)
             fits = fits.compute()
             statuses = fits.status.values
             assert statuses.shape == (16,)
