@@ -28,11 +28,13 @@ def spectra_store(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_catalog_command_on_a_local_cluster(spectra_store, tmp_path, capsys):
-    """Both regions in flight on one LocalCluster (--workers), written as parquet with the
-    catalogue store behind it; a second run resumes (nothing refitted) and gives the same file."""
+    """Both regions in flight on one LocalCluster (--workers; one worker, so each region's
+    program is compiled once while the suite runs beside it on the other core), written as
+    parquet with the catalogue store behind it; a second run resumes (nothing refitted) and
+    gives the same file."""
     pq = pytest.importorskip("pyarrow.parquet")
     out = tmp_path / "cat.parquet"
-    args = ["catalog", str(spectra_store), str(out), "--regions", "hbeta,mgii", "--format", "parquet", "--workers", "2",
+    args = ["catalog", str(spectra_store), str(out), "--regions", "hbeta,mgii", "--format", "parquet", "--workers", "1",
             "--num-steps", "30", "--n-samples", "32", "--oiii-wing"]
     assert main(args) == 0
     text = capsys.readouterr()
