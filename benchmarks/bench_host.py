@@ -19,9 +19,13 @@ chunk by chunk (a change of the machine's load hits both alike). Prints one JSON
   exactly these errors would reach.
 
 ``--template mastar`` measures the MaStar stellar populations instead of the default ``"sdss"``
-galaxy templates (the synthetic host is then drawn from them too).
+galaxy templates (the synthetic host is then drawn from them too). ``--continuum`` sets the
+host model's continuum mode (default the region's, ``"refined"``; the model without the host
+keeps its own default) and ``--no-restarts`` turns its LM restarts off, to measure the
+alternatives; the line records both (``continuum``, ``restarts``).
 
-Run: ``python benchmarks/bench_host.py [--n 1200] [--chunk 100] [--template sdss|mastar] [--record]``;
+Run: ``python benchmarks/bench_host.py [--n 1200] [--chunk 100] [--template sdss|mastar]
+[--continuum windows|refined|joint] [--no-restarts] [--record]``;
 ``--record`` appends the line to ``benchmarks/results/host.jsonl``, which
 ``scripts/validate_host.py`` renders into the README (the last line of each template set).
 """
@@ -36,6 +40,7 @@ import numpy as np
 
 import sheap_dask as sd
 from sheap_dask.chunk import fit_chunk
+from sheap_dask.options import ChunkOptions
 from sheap_dask.derived import host as dhost
 from sheap_dask.derived import lines as dlines
 
@@ -61,10 +66,12 @@ def calibration(prefix: str, value, error, truth, tolerance: float) -> dict:
             f"{prefix}_within_2_errors": round(float(np.mean(pull <= 2)), 3), f"{prefix}_expected_from_errors": round(float(expected), 3)}
 
 
-def run(models, ds, chunk: int):
-    """Fit every chunk with each model; the models take turns chunk by chunk, so a change of
-    the machine's load during the run hits both figures alike. Returns per model: params,
+def run(models, ds, chunk: int, options=None):
+    """Fit every chunk with each model (``options``: a ChunkOptions per model key, where not
+    the configured defaults); the models take turns chunk by chunk, so a change of the
+    machine's load during the run hits both figures alike. Returns per model: params,
     first-chunk (compile) seconds, warm spectra/s, parameter covariances."""
+    options = options or {}
     wl, flux, ivar = ds["wavelength"], ds["flux"].astype(np.float64), ds["ivar"].astype(np.float64)
     n = flux.shape[0]
     parts = {k: [] for k in models}
@@ -74,7 +81,7 @@ def run(models, ds, chunk: int):
     for s in range(0, n, chunk):
         for k, model in models.items():
             t0 = time.perf_counter()
-            out = fit_chunk(model, wl, flux[s : s + chunk], ivar[s : s + chunk], pad_to=chunk)
+            out = fit_chunk(model, wl, flux[s : s + chunk], ivar[s : s + chunk], pad_to=chunk, options=options.get(k))
             dt = time.perf_counter() - t0
             parts[k].append(out["params"])
             covs[k].append(out["params_cov"])
@@ -97,15 +104,19 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--template", default="sdss", choices=("sdss", "mastar"), help="the built-in host templates")
+    ap.add_argument("--continuum", default=None, choices=("windows", "refined", "joint"), help="the host model's continuum mode")
+    ap.add_argument("--no-restarts", action="store_true", help="the host model without LM restarts")
     ap.add_argument("--record", action="store_true", help="append the line to benchmarks/results/host.jsonl")
     args = ap.parse_args()
-    models = {host: sd.models.region("hbeta", host=host, host_template=args.template if host else None) for host in (False, True)}
+    with_host = {"host_template": args.template, **({"continuum": args.continuum} if args.continuum else {})}
+    models = {host: sd.models.region("hbeta", host=host, **(with_host if host else {})) for host in (False, True)}
+    options = {True: ChunkOptions(restarts=False)} if args.no_restarts else {}
     ds = sd.synthetic.synthetic_spectra_numpy(args.n, seed=args.seed, host=True, model=models[True], masked_fraction=0.0, n_all_nan=0)
     ok = ds["snr"] >= 10
     true_fwhm = fwhm_of(models[True], ds["true_params"])
-    record = {"benchmark": "host", "templates": args.template, "n_spectra": args.n, "chunk": args.chunk, "seed": args.seed,
-              "n_scored": int(ok.sum())}
-    results = run(models, ds, args.chunk)
+    record = {"benchmark": "host", "templates": args.template, "continuum": models[True].declared_identity["arguments"]["continuum"],
+              "restarts": not args.no_restarts, "n_spectra": args.n, "chunk": args.chunk, "seed": args.seed, "n_scored": int(ok.sum())}
+    results = run(models, ds, args.chunk, options)
     for host, model in models.items():
         params, cold, rate, cov = results[host]
         tag = "on" if host else "off"

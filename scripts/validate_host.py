@@ -5,6 +5,7 @@ Run from the repository root::
     python scripts/validate_host.py [--spectra DIR] [--json OUT.jsonl] [--record]
     python scripts/validate_host.py --write-readme   # re-render the README from the record
     python scripts/validate_host.py --figure         # docs/host_broad_profiles.png
+    python scripts/validate_host.py --continuum joint --no-restarts --json OUT.jsonl  # an alternative's fits
 
 Fits, in one run with the same code, H-beta (with the [OIII] wing, as ``examples/real_sdss.py``)
 and H-alpha of
@@ -57,13 +58,16 @@ GALAXIES = {
 REGIONS = {"hbeta": ({"oiii_wing": True}, "hbeta_broad"), "halpha": ({}, "halpha_broad")}
 
 
-def fit(ds, region: str, **kwargs) -> dict:
+def fit(ds, region: str, restarts: bool = True, **kwargs) -> dict:
     """Fit ``ds`` (synchronous dask scheduler) and measure the broad line; one dict per spectrum."""
+    import dask
+
     import sheap_dask as sd
 
     opts, line = REGIONS[region]
     model = sd.models.region(region, **opts, **kwargs)
-    fits = sd.fit_dataset(ds, model, progress=False).compute()
+    with dask.config.set({"sheap_dask.fit.lm_restarts": restarts}):
+        fits = sd.fit_dataset(ds, model, progress=False).compute()
     fits.sheap.use(spectra=ds, model=model)
     fw = fits.sheap.fwhm(line, errors=True).compute()
     li = list(np.asarray(fits.line.values)).index(line)
@@ -108,7 +112,12 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="record the lines and re-render the README's table")
     ap.add_argument("--write-readme", action="store_true", help="only re-render the README's table from the record")
     ap.add_argument("--figure", action="store_true", help=f"only draw {FIGURE.relative_to(REPO)}")
+    ap.add_argument("--continuum", default=None, choices=("windows", "refined", "joint"),
+                    help="the host fits' continuum mode (to compare; the README's table is the default's)")
+    ap.add_argument("--no-restarts", action="store_true", help="the host fits without LM restarts (to compare)")
     args = ap.parse_args(argv)
+    if args.record and (args.continuum or args.no_restarts):
+        ap.error("--record keeps the default fits; drop --continuum/--no-restarts (or write them with --json)")
     if args.write_readme:
         write_readme()
         return 0
@@ -118,19 +127,20 @@ def main(argv=None) -> int:
         profile_figure(qso).savefig(FIGURE, dpi=90)
         print(f"wrote {FIGURE}")
         return 0
+    host_variant = {**({"continuum": args.continuum} if args.continuum else {}), **({"restarts": False} if args.no_restarts else {})}
     rows = []
     gal = sd.io.read_sdss_spectra([str(args.spectra / f) for f in GALAXIES.values()])
     for region in REGIONS:
         for data in (qso, gal):
             rows += fit(data, region, host=False)
-            rows += [dict(r, templates="mastar") for r in fit(data, region, host=True, host_template="mastar")]
-        rows += [dict(r, templates="sdss") for r in fit(qso, region, host=True)]
+            rows += [dict(r, templates="mastar") for r in fit(data, region, host=True, host_template="mastar", **host_variant)]
+        rows += [dict(r, templates="sdss") for r in fit(qso, region, host=True, **host_variant)]
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(GALAXIES):
             path = Path(tmp) / f"without_{name}.csv"
             bht.write(path, *bht.build(args.spectra, [name[5:]]))
             for region in REGIONS:
-                rows += [dict(r, templates="sdss") for r in fit(gal.isel(spectrum=[i]), region, host=True, host_template=str(path))]
+                rows += [dict(r, templates="sdss") for r in fit(gal.isel(spectrum=[i]), region, host=True, host_template=str(path), **host_variant)]
     out = [json.dumps(r) for r in rows]
     print("\n".join(out))
     if args.json:
@@ -273,11 +283,37 @@ def write_readme(path: Path = README) -> None:
     path.write_text(replace_generated(path.read_text(), BEGIN, END, render_all()))
 
 
-def render_all() -> str:
+def variant(rec: dict) -> tuple[str, bool]:
+    """A synthetic record's host-model variant: (continuum mode, LM restarts); lines recorded
+    before the benchmark wrote them are of the default of their day, the last of which is
+    ``("refined", True)``."""
+    return rec.get("continuum", "refined"), rec.get("restarts", True)
+
+
+def render_variant(rec: dict) -> str:
+    """One sentence of a recorded alternative (``bench_host.py --continuum ... --no-restarts``)."""
+    continuum, restarts = variant(rec)
+    flags = f" --continuum {continuum}" + ("" if restarts else " --no-restarts")
+    return (f"The alternative `continuum=\"{continuum}\"`{'' if restarts else ' with the LM restarts off'} on the same spectra "
+            f"(`python benchmarks/bench_host.py --template {rec['templates']}{flags} --record`): host fraction within 0.1 for "
+            f"{100 * rec['frac_host_5100_within_0.1']:.1f}% ± {100 * rec['frac_host_5100_within_0.1_se']:.1f}, broad Hβ FWHM within 10% "
+            f"for {100 * rec['fwhm_within_10pct_host_on']:.1f}% ± {100 * rec['fwhm_within_10pct_host_on_se']:.1f}, cost "
+            f"{rec['cost_ratio']:.2f}x.")
+
+
+def render_all(bench: list[dict] | None = None) -> str:
+    """The README's block: the real-spectra table, then per template set the last default
+    synthetic record (``bench``, default the recorded lines) and the last of each alternative."""
     last = {}
-    for rec in load(BENCH_RECORD):
-        last[rec.get("templates", "sdss")] = rec
-    return render(load()) + "\n\n" + "\n\n".join(render_bench(last[t]) for t in ("sdss", "mastar") if t in last)
+    for rec in load(BENCH_RECORD) if bench is None else bench:
+        last[(rec.get("templates", "sdss"), variant(rec))] = rec
+    default = ("refined", True)
+    paragraphs = []
+    for t in ("sdss", "mastar"):
+        if (t, default) in last:
+            others = [render_variant(r) for (tt, v), r in last.items() if tt == t and v != default]
+            paragraphs.append(" ".join([render_bench(last[(t, default)]), *others]))
+    return render(load()) + "\n\n" + "\n\n".join(paragraphs)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,15 @@ def test_readme_host_table_is_the_recorded_validation():
     assert block.strip() == script.render_all().strip()
     bench = script.load(script.BENCH_RECORD)[-1]
     assert bench["benchmark"] == "host" and 0 < bench["cost_ratio"] < 10
+    # per template set: the last default line, then the last line of each alternative
+    recorded = script.load(script.BENCH_RECORD)
+    default = [r for r in recorded if r.get("templates", "sdss") == "sdss" and script.variant(r) == ("refined", True)][-1]
+    joint = dict(default, continuum="joint", restarts=False, cost_ratio=1.01)
+    older = dict(default, cost_ratio=9.99)
+    text = script.render_all([older, joint, default])
+    assert "9.99x" not in text and "**" + f"{default['cost_ratio']:.2f}x**" in text
+    assert text.index("**" + f"{default['cost_ratio']:.2f}x**") < text.index("`continuum=\"joint\"` with the LM restarts off") < text.index("1.01x")
+    assert "--continuum joint --no-restarts --record" in text and "mastar" not in text.split("\n\n", 1)[1]
 
 
 # -- templates --------------------------------------------------------------------------------
