@@ -36,6 +36,7 @@ from .batch import ChunkArrays, clip_inside, group_size, pinned, solve, update_r
 from .compiled import _STATS, compile_stats, get_compiled
 from .coverage import coverage
 from .errors import InputDataError
+from .loss import robust_rho
 from .options import ChunkOptions, check_penalty
 from .outcome import absent_line_components, absent_params, finish_quality, line_fluxes, model_lines, parameter_errors
 from .quality import Quality
@@ -482,14 +483,12 @@ def _irls_weights(residual, inv_var, options) -> np.ndarray:
 
 
 def _objective(residual, inv_var, usable, options) -> np.ndarray:
-    """Per spectrum, LM's objective of ``residual``: 2 sum(rho) with ``loss.robust_rho``'s
-    s^2 log cosh(r/s) (here in float64 numpy), or the sum of r^2 for a chi-square."""
+    """Per spectrum, LM's objective of ``residual``: 2 sum(:func:`~sheap_dask.loss.robust_rho`)
+    (float64 numpy for numpy input), or the sum of r^2 for a chi-square."""
     u = np.where(usable, residual, 0.0) * np.sqrt(inv_var)
     if options.loss_kind != "logcosh":
         return np.sum(u * u, axis=1)
-    c = float(options.robust_scale)
-    a = np.abs(u / c)
-    return 2.0 * np.sum(c * c * (a + np.log1p(np.exp(-2.0 * a)) - np.log(2.0)), axis=1)
+    return 2.0 * np.sum(robust_rho(u, float(options.robust_scale)), axis=1)
 
 
 def _refine_step(compiled, part, p, E, value, J, target, inv_var, usable, options, wavelength, group, hold) -> np.ndarray:

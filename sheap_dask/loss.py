@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
+
 from .errors import ModelError, OptionError
 
 __all__ = ["build_loss_function", "weighted_residuals", "usable_mask", "robust_rho", "LOSS_KINDS"]
@@ -107,10 +109,15 @@ def weighted_residuals(func: Callable, params, wavelength, flux, errors, param_c
 
 
 def _logcosh(r):
+    """log cosh r = |r| + log1p(exp(-2|r|)) - log 2 (no overflow for large |r|); numpy in
+    numpy's precision for a numpy array (the chunk layer's float64 sums on the host),
+    jax.numpy otherwise (traced, in the solve's dtype)."""
+    if isinstance(r, np.ndarray | np.generic):
+        a = np.abs(r)
+        return a + np.log1p(np.exp(-2.0 * a)) - np.log(2.0)
     import jax.numpy as jnp
 
     a = jnp.abs(r)
-    # log cosh r = |r| + log1p(exp(-2|r|)) - log 2: no overflow for large |r|.
     return a + jnp.log1p(jnp.exp(-2.0 * a)) - jnp.log(2.0).astype(a.dtype)
 
 
