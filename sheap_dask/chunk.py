@@ -48,6 +48,9 @@ from .rescue import (
 )
 from .status import Status
 
+#: Key of the per-pixel absorber mask a stage's result carries inside the chunk layer.
+REJECTED_PIXELS = "_rejected_pixels"
+
 logger = logging.getLogger("sheap_dask.chunk")
 
 __all__ = ["ChunkOptions", "fit_chunk", "compile_stats", "RESULT_VARIABLES", "result_variables"]
@@ -157,6 +160,7 @@ def fit_chunk(
     check_penalty(options, penalty_function)
     traces_before, t0 = compile_stats()["traces"], time.perf_counter()
     out = _fit_any(model, wavelength, flux, ivar, redshift, init, options, pad_to, penalty_function)
+    out.pop(REJECTED_PIXELS, None)
     if options.n_mc:
         out["params_mc"] = _resample(model, out, wavelength, flux, ivar, redshift, options, pad_to, penalty_function)
     compiled = compile_stats()["traces"] != traces_before
@@ -310,6 +314,9 @@ def _fit_chunk(model, wavelength, flux, ivar, redshift, init, options, pad_to, p
     out["params_cov"] = cov * param_scale[:, :, None] * param_scale[:, None, :]
     out["flux_scale"][good] = scale[good]
     line_fluxes(out, model, options)
+    # the pixels absorber rejection masked (usable, now infinite errors): a later stage of a
+    # staged fit leaves them out as this one did; fit_chunk drops the key
+    out[REJECTED_PIXELS] = usable & np.isinf(chunk.errors)
     return out
 
 
@@ -344,11 +351,13 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
     no_data = out["status"] == Status.NO_DATA
     for name in ("params", "params_err", "params_cov", "loss", "chi2", "redchi2"):
         out[name][no_data] = np.nan
-    _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function)
+    _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
+                                rejected=out.get(REJECTED_PIXELS))
     return out
 
 
-def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function) -> None:
+def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
+                                rejected=None) -> None:
     """Add the continuum's uncertainty to the lines' errors of a staged fit (in place).
 
     The lines were fitted with the continuum held at the first stage's values, so their
@@ -364,7 +373,8 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
     stages' own compiled models (no further compilation of the full model), in each
     spectrum's own flux unit (``flux_scale``), so the result is the same in any unit; line
     fluxes, their errors and detections are then redone. Needs ``ContinuumStage(lines=...)``
-    (every built-in region); otherwise the lines' errors are left as they are.
+    (every built-in region); otherwise the lines' errors are left as they are. ``rejected``
+    (n, pix): pixels the lines' fit masked as absorbers, left out here too.
     """
     if stage.lines is None:
         return
@@ -380,6 +390,8 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
         if model.windows:
             wl2 = np.broadcast_to(wl, usable.shape)
             usable &= np.any([(wl2 >= lo) & (wl2 <= hi) for lo, hi in model.windows], axis=0)
+    if rejected is not None:
+        usable &= ~rejected
     usable = usable[rows]
     scale = np.where(np.isfinite(out["flux_scale"]) & (out["flux_scale"] > 0), out["flux_scale"], 1.0)[rows]
     data = np.where(usable, flux[rows], 0.0) / scale[:, None]

@@ -382,6 +382,24 @@ def test_refined_continuum_uses_the_whole_window():
         ContinuumStage(stage.model, stage.windows, refine_steps=1)
 
 
+def test_refined_fit_leaves_out_the_absorbers_the_lines_masked():
+    """A trough the lines' fit masks as an absorber stays out of the continuum's refinement
+    and of the reported chi-square (which is the plain chi-square over the other pixels)."""
+    from sheap_dask.chunk import REJECTED_PIXELS, ChunkOptions, _fit_any
+
+    model = sd.models.region("hbeta", host=True)
+    ds = sd.synthetic.synthetic_spectra_numpy(8, seed=7, host=True, model=model, masked_fraction=0.0, n_all_nan=0)
+    wl, flux, ivar = ds["wavelength"], ds["flux"].astype(np.float64), ds["ivar"].astype(np.float64)
+    trough = slice(int(np.searchsorted(wl, 4900.0)), int(np.searchsorted(wl, 4900.0)) + 4)
+    flux[:, trough] -= 30.0 / np.sqrt(ivar[:, trough])  # 4 pixels, 30 sigma deep, under broad H-beta
+    out = _fit_any(model, wl, flux, ivar, None, None, ChunkOptions().resolved(), None, None)
+    rejected = out[REJECTED_PIXELS]
+    assert rejected[:, trough].all() and np.array_equal(out["n_masked"], rejected.sum(axis=1))
+    inside = (wl >= model.window[0]) & (wl <= model.window[1])
+    chi2 = np.sum(np.where(inside & ~rejected, ivar * (flux - model.evaluate(wl, out["params"])) ** 2, 0.0), axis=1)
+    np.testing.assert_allclose(out["chi2"], chi2, rtol=1e-5)  # the solver's data are rounded to 20 bits (5e-7)
+
+
 # -- real spectra (slow) ------------------------------------------------------------------------------------
 GALAXIES = {
     "0266-51602-0013": "pyqsofit_examples/spec-0266-51602-0013.fits",
