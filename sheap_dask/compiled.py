@@ -83,9 +83,9 @@ class CompiledModel:
         import jax
         import jax.numpy as jnp
 
-        from .lm import irls_weight
         from .loss import (
             build_loss_function,
+            irls_weight,
             robust_rho,
             usable_mask,
             weighted_residuals,

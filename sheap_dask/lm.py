@@ -84,7 +84,7 @@ from jax import lax
 from jax.scipy.linalg import cho_factor, cho_solve
 
 from .errors import OptionError
-from .loss import robust_rho
+from .loss import irls_weight, robust_rho
 from .status import Status
 
 __all__ = ["LMResult", "levenberg_marquardt", "levenberg_marquardt_queue", "lm_covariance"]
@@ -178,13 +178,6 @@ def _check_options(max_iter, ftol, xtol, gtol, lambda_init, lambda_up, lambda_do
         raise OptionError(f"levenberg_marquardt(robust_scale={robust_scale!r}): must be > 0 (residuals are in units of sigma); pass e.g. robust_scale=1.0.")
     if jacobian not in _JACOBIAN_CHOICES:
         raise OptionError(f"levenberg_marquardt(jacobian={jacobian!r}): use 'fwd' (jax.jacfwd, best for few parameters) or 'rev' (jax.jacrev).")
-
-
-def irls_weight(u):
-    # tanh(u)/u with its limit 1 - u^2/3 near 0 (the error of the series is O(u^4) <= 1e-16).
-    small = jnp.abs(u) < 1e-4
-    safe = jnp.where(small, jnp.ones_like(u), u)
-    return jnp.where(small, 1.0 - u * u / 3.0, jnp.tanh(safe) / safe)
 
 
 def levenberg_marquardt(

@@ -244,7 +244,7 @@ def test_errors_use_irls_weights_and_a_degenerate_direction_nans_only_its_parame
     import jax
     import jax.numpy as jnp
 
-    from sheap_dask.lm import irls_weight
+    from sheap_dask.loss import irls_weight
     from sheap_dask.quality import Quality
 
     wl, flux, ivar, _ = data
