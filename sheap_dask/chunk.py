@@ -36,7 +36,7 @@ from .batch import ChunkArrays, clip_inside, group_size, pinned, solve, update_r
 from .compiled import _STATS, compile_stats, get_compiled
 from .coverage import coverage
 from .errors import InputDataError
-from .loss import robust_rho
+from .loss import irls_weight, robust_rho
 from .options import ChunkOptions, check_penalty
 from .outcome import absent_line_components, absent_params, finish_quality, line_fluxes, model_lines, parameter_errors
 from .quality import Quality
@@ -408,8 +408,8 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
         parts[key] = (idx, compiled.embed_matrix, *_value_and_jacobian(compiled, wl_rows, p_all[:, idx], group))
     (c_idx, Ec, cont, Jc), (l_idx, El, lines, Jl) = parts["c"], parts["l"]
     if refine:
-        before = _objective(data - cont - lines, inv_var, usable, options)
-        chi2_before = np.sum(np.where(usable, inv_var * (data - cont - lines) ** 2, 0.0), axis=1)
+        before = objective = _objective(data - cont - lines, inv_var, usable, options)
+        chi2_before = _chi2(data - cont - lines, inv_var, usable)
         compiled_c = get_compiled(stage.model, options, penalty_function)
         # chord steps: the staged fit's Jacobian serves every step (most continuum parameters
         # are linear; each step is kept only where it lowers the objective) and then the lines'
@@ -420,15 +420,14 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
         own = c_idx[np.argmax(Ec != 0, axis=0)]
         undefined = np.isnan(np.einsum("nii->ni", out["params_cov"][rows][:, own[:, None], own[None, :]]))
         for _ in range(refine):
-            p_all[:, c_idx], cont = _refine_step(compiled_c, stage.model, p_all[:, c_idx], Ec, cont, Jc, data - lines, inv_var, usable,
-                                                 options, wl_rows, group, undefined)
+            p_all[:, c_idx], cont, objective = _refine_step(compiled_c, stage.model, p_all[:, c_idx], Ec, cont, objective, Jc, data - lines,
+                                                            inv_var, usable, options, wl_rows, group, undefined)
         # the reported fit is the refined one: its objective and plain chi-square
-        chi2_after = np.sum(np.where(usable, inv_var * (data - cont - lines) ** 2, 0.0), axis=1)
-        out["chi2"][rows] += chi2_after - chi2_before
+        out["chi2"][rows] += _chi2(data - cont - lines, inv_var, usable) - chi2_before
         update_redchi2(out, rows)
         # in the lines' objective's own scale: LM's 2 sum(rho) (sum of r^2 for a chi-square),
         # or the mean of rho of adam/lbfgs
-        change = _objective(data - cont - lines, inv_var, usable, options) - before
+        change = objective - before
         if get_compiled(stage.lines, options, penalty_function).objective_is_mean:
             change = change / (2.0 if options.loss_kind == "logcosh" else 1.0) / np.maximum(usable.sum(axis=1), 1)
         out["loss"][rows] += change
@@ -489,26 +488,30 @@ def _irls_weights(residual, inv_var, options) -> np.ndarray:
     inverse variances for a chi-square."""
     if options.loss_kind != "logcosh":
         return inv_var
-    u = residual * np.sqrt(inv_var) / float(options.robust_scale)
-    with np.errstate(all="ignore"):
-        return inv_var * np.where(np.abs(u) < 1e-4, 1.0 - u * u / 3.0, np.tanh(u) / np.where(u == 0, 1.0, u))
+    return inv_var * irls_weight(residual * np.sqrt(inv_var) / float(options.robust_scale))
 
 
 def _objective(residual, inv_var, usable, options) -> np.ndarray:
     """Per spectrum, LM's objective of ``residual``: 2 sum(:func:`~sheap_dask.loss.robust_rho`)
     (float64 numpy for numpy input), or the sum of r^2 for a chi-square."""
-    u = np.where(usable, residual, 0.0) * np.sqrt(inv_var)
     if options.loss_kind != "logcosh":
-        return np.sum(u * u, axis=1)
+        return _chi2(residual, inv_var, usable)
+    u = np.where(usable, residual, 0.0) * np.sqrt(inv_var)
     return 2.0 * np.sum(robust_rho(u, float(options.robust_scale)), axis=1)
 
 
-def _refine_step(compiled, part, p, E, value, J, target, inv_var, usable, options, wavelength, group, hold) -> np.ndarray:
+def _chi2(residual, inv_var, usable) -> np.ndarray:
+    """Per spectrum, the plain chi-square of ``residual`` over the usable pixels."""
+    return np.sum(np.where(usable, inv_var * residual**2, 0.0), axis=1)
+
+
+def _refine_step(compiled, part, p, E, value, objective, J, target, inv_var, usable, options, wavelength, group, hold):
     """One projected Gauss-Newton step of ``part`` (the continuum) towards ``target`` (the
     spectra minus the lines) over the usable pixels, with the IRLS weights of the robust loss.
     Free parameters in ``hold`` (n, free) do not move; one whose step would leave its range is
     set on the bound and the others re-solved (up to four rounds); the step is kept only where
-    it lowers the objective. Returns the new parameters (n, params) and the model there (n, pix)."""
+    it lowers the objective (``objective``: its value at ``p``). Returns the new parameters
+    (n, params), the model there (n, pix) and its objective (n,)."""
     resid = np.where(usable, target - value, 0.0)
     weight = _irls_weights(resid, inv_var, options)
     H = np.einsum("nip,np,njp->nij", J, weight, J, optimize=True)
@@ -528,7 +531,7 @@ def _refine_step(compiled, part, p, E, value, J, target, inv_var, usable, option
             try:
                 delta = np.nan_to_num(np.linalg.solve(system, rhs[:, :, None])[:, :, 0])
             except np.linalg.LinAlgError:  # a singular row: no step anywhere in this chunk
-                return p, value
+                return p, value, objective
         moved = x + delta
         leaves = ((moved < lower) | (moved > upper)) & ~held
         if not leaves.any():
@@ -537,8 +540,9 @@ def _refine_step(compiled, part, p, E, value, J, target, inv_var, usable, option
         held |= leaves
     trial = np.clip(p + delta @ E.T, part.params.lower, part.params.upper)
     trial_value = _evaluate(compiled, wavelength, trial, group)
-    lower_objective = _objective(target - trial_value, inv_var, usable, options) < _objective(resid, inv_var, usable, options)
-    return np.where(lower_objective[:, None], trial, p), np.where(lower_objective[:, None], trial_value, value)
+    trial_objective = _objective(target - trial_value, inv_var, usable, options)
+    better = trial_objective < objective
+    return np.where(better[:, None], trial, p), np.where(better[:, None], trial_value, value), np.where(better, trial_objective, objective)
 
 
 def _evaluate(compiled, wavelength, params, group: int) -> np.ndarray:
