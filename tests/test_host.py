@@ -360,7 +360,9 @@ def test_refined_continuum_uses_the_whole_window():
     model_flux = refined.evaluate(wl, out["params"])
     inside = (wl >= refined.window[0]) & (wl <= refined.window[1])
     chi2 = np.sum(np.where(inside, ivar * (flux - model_flux) ** 2, 0.0), axis=1)
-    np.testing.assert_allclose(out["chi2"], chi2, rtol=1e-6)
+    # the lines' stage sums its chi-square in float32 (a 1e-6 relative round-off, whose
+    # digits depend on the CPU's vector width); the unrefined fit's differs by 3e-3 (median)
+    np.testing.assert_allclose(out["chi2"], chi2, rtol=1e-5)
     truth = ds["true_frac_host_5100"]
     errors = {}
     for name, o in outs.items():
