@@ -56,11 +56,9 @@ def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     A parameter driven onto a bound (a line flux at 0, a shift at its limit) has a vanishing
     gradient in the optimizer's bounded coordinates, so LM cannot bring it back even when
     the fit is clearly poor. Suspects are spectra with a reduced chi-square above
-    ``median * (1 + redchi2_sigma * sqrt(2 / dof))`` or with a pinned parameter (other than the
+    ``median * (1 + redchi2_sigma * sqrt(2 / dof))`` or a pinned parameter (other than the
     model's resting bounds, ``metadata["components"][c]["resting_bounds"]``: a host dispersion
-    at 0, where the model's derivative vanishes anyway), whatever their chi-square: a pinned
-    spectrum's restart does not depend on the other spectra of its chunk (nor on the rounding
-    that puts its chi-square on one side of their median).
+    at 0, where the model's derivative vanishes anyway) and a chi-square above the median.
     Each is re-fitted twice in one batch: with its pinned parameters reset to their initial
     values, and with the whole components of its pinned parameters reset; the lowest
     objective of the three fits is kept.
@@ -73,7 +71,7 @@ def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     outlier = redchi2_outlier(out["redchi2"], out["dof"], median, options.redchi2_sigma)
     # a parameter at a bound where the model is stationary anyway (a host dispersion at 0) is not stuck
     pinned = pinned_params(out["params"], compiled, chunk.lower, chunk.upper, options.pinned_tolerance) & ~compiled.resting_bound_mask
-    suspects = np.flatnonzero(ok & (outlier | pinned.any(axis=1)))
+    suspects = np.flatnonzero(ok & (outlier | (pinned.any(axis=1) & (out["redchi2"] > median))))
     if suspects.size == 0:
         return 0
     pinned = pinned[suspects]
