@@ -260,11 +260,17 @@ def test_committed_table_matches_a_fresh_fit(spectra, hbeta, halpha, mgii):
     assert committed_text in (repo / "README.md").read_text(), "README's table differs from docs/real_sdss_table.md"
     committed = example.parse_table(committed_text.split("\n\nOther formats")[0])
     assert [r["spectrum"] for r in fresh] == [r["spectrum"] for r in committed]
+    # spec-1599's H-alpha with the host has two minima about one error apart; the numerical
+    # path (CPU, jax release) decides which one a run ends in (README, "Real spectra"): there
+    # the two agree within their joint error
+    two_minima = {("1599-53089-0469", "fwhm_halpha")}
     drift = []
     for new, old in zip(fresh, committed):
         for key in example.COLUMNS:
             a, b, err = new[key], old[key], old[key + "_err"]
             tol = max(0.02 * abs(b), 0.5 * err if np.isfinite(err) else 0.0, 10.0 ** -example.COLUMNS[key])
+            if (new["spectrum"], key) in two_minima:
+                tol = max(tol, float(np.hypot(err, new[key + "_err"])))
             same_nan = np.isnan(a) == np.isnan(b)
             if not same_nan or (np.isfinite(b) and abs(a - b) > tol) or new[f"detected_{key}"] != old[f"detected_{key}"]:
                 drift.append((new["spectrum"], key, b, a))
