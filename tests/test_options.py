@@ -3,6 +3,7 @@ ignore refused, every key of sheap_dask.yaml read, unknown keys warned about."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -141,3 +142,37 @@ def test_numeric_input_faults_are_refused_or_handled():
         assert (fits.status.values == 0).all()
     with pytest.raises(ModelError, match="reads a parameter that does not exist"):
         sd.Model(lambda x, p: p[0] * x + p[1], sd.Parameters().add("a", 1.0))
+
+
+def test_compilation_cache_keeps_small_programs(tmp_path):
+    """The package's persistent cache writes every compiled program (JAX's default leaves out
+    those under 1 s: the errors' and derived quantities' small programs, compiled again by
+    every worker), unless the environment sets JAX's threshold; a bad value is named."""
+    import subprocess
+    import sys
+
+    script = (
+        "import dask, jax, sheap_dask.config as c\n"
+        "import sys\n"
+        f"with dask.config.set({{'sheap_dask.worker.compilation_cache': {str(tmp_path)!r}, "
+        "'sheap_dask.worker.compilation_cache_min_seconds': sys.argv[1]}):\n"
+        "    try:\n"
+        "        c.enable_compilation_cache()\n"
+        "    except ValueError as e:\n"
+        "        print('error', e); raise SystemExit\n"
+        "print(jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)\n"
+        "import jax.numpy as jnp, os\n"
+        "jax.jit(lambda x: x * 2 + 1)(jnp.arange(3.0)).block_until_ready()\n"
+        "print(len(os.listdir(jax.config.jax_compilation_cache_dir)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE") and k != "JAX_COMPILATION_CACHE_DIR"}
+
+    def run(value, **extra):
+        done = subprocess.run([sys.executable, "-c", script, value], capture_output=True, text=True, env={**env, **extra}, check=True)
+        return done.stdout.split()
+
+    directory, minimum, n_files = run("0")
+    assert (directory, float(minimum)) == (str(tmp_path), 0.0) and int(n_files) >= 1  # a tiny program is cached
+    assert float(run("0", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="5")[1]) == 5.0  # the environment's own choice stays
+    out = " ".join(run("-1"))
+    assert out.startswith("error") and "compilation_cache_min_seconds='-1'" in out and ">= 0" in out
