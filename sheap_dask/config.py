@@ -117,11 +117,11 @@ def enable_compilation_cache() -> str | None:
     demo run twice) loads the compiled program from disk instead. Programs that compile in
     less than ``worker.compilation_cache_min_seconds`` (default 0: all) are not written:
     JAX's own default, 1 s, leaves out the many small programs of the error propagation and
-    the derived quantities, which every new worker then compiles again (a quarter of the SDSS
-    catalogue's time in a process with a filled cache). Returns the directory, or None when
-    disabled (``null`` in the config) or JAX already has one configured (its settings are
-    then left alone, as is a ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` set in the
-    environment).
+    the derived quantities, which every new worker then compiles again (a third of the SDSS
+    catalogue's time in a new process with a filled cache: ``benchmarks/bench_cache.py``).
+    Returns the directory, or None when disabled (``null`` in the config) or JAX already has
+    one configured (its settings are then left alone, as is a
+    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` set in the environment).
     """
     global _CACHE_ENABLED
     if _CACHE_ENABLED:
@@ -149,7 +149,8 @@ def enable_compilation_cache() -> str | None:
             from .errors import OptionError
 
             raise OptionError(f"sheap_dask.{key}={get(key)!r} must be a number of seconds >= 0 "
-                             "(0 caches every compiled program); fix it in dask.config or DASK_SHEAP_DASK__WORKER__...")
+                              "(0 caches every compiled program); set it with dask.config.set or "
+                              "DASK_SHEAP_DASK__WORKER__COMPILATION_CACHE_MIN_SECONDS")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
     return path
 
