@@ -140,15 +140,15 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         key = "worker.compilation_cache_min_seconds"
-        minimum = get(key, 0.0)
+        value = get(key, 0.0)
         try:
-            minimum = float(minimum)
+            minimum = float(value)
         except (TypeError, ValueError):
-            minimum = -1.0
+            minimum = float("nan")
         if not minimum >= 0.0:
             from .errors import OptionError
 
-            raise OptionError(f"sheap_dask.{key}={get(key)!r} must be a number of seconds >= 0 "
+            raise OptionError(f"sheap_dask.{key}={value!r} must be a number of seconds >= 0 "
                               "(0 caches every compiled program); set it with dask.config.set or "
                               "DASK_SHEAP_DASK__WORKER__COMPILATION_CACHE_MIN_SECONDS")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)

@@ -41,7 +41,7 @@ def assert_tables_agree(fresh: str, committed: str, two_minima=frozenset()) -> N
     moves more. A cell in ``two_minima`` ((row, column header) pairs) agrees within the joint
     error of the two."""
     a, b = _cells(fresh), _cells(committed)
-    header = next((row for row in _cells(committed) if row and row[0] == "spectrum"), [])
+    header = next((row for row in b if row and row[0] == "spectrum"), [])
     assert len(a) == len(b), f"{len(a)} rows now, {len(b)} committed"
     for row_a, row_b in zip(a, b):
         assert len(row_a) == len(row_b), row_b[0]

@@ -148,9 +148,6 @@ def test_compilation_cache_keeps_small_programs(tmp_path):
     """The package's persistent cache writes every compiled program (JAX's default leaves out
     those under 1 s: the errors' and derived quantities' small programs, compiled again by
     every worker), unless the environment sets JAX's threshold; a bad value is named."""
-    import subprocess
-    import sys
-
     script = (
         "import dask, jax, sheap_dask.config as c\n"
         "import sys\n"
