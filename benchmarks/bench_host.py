@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--template", default="sdss", choices=("sdss", "mastar"), help="the built-in host templates")
+    ap.add_argument("--template", default="sdss", choices=("sdss", "mastar", "sdss+ssp"), help="the built-in host templates")
     ap.add_argument("--continuum", default=None, choices=("windows", "refined", "joint"), help="the host model's continuum mode")
     ap.add_argument("--no-restarts", action="store_true", help="the host model without LM restarts")
     ap.add_argument("--record", action="store_true", help="append the line to benchmarks/results/host.jsonl")

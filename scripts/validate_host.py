@@ -134,13 +134,15 @@ def main(argv=None) -> int:
         for data in (qso, gal):
             rows += fit(data, region, host=False)
             rows += [dict(r, templates="mastar") for r in fit(data, region, host=True, host_template="mastar", **host_variant)]
-        rows += [dict(r, templates="sdss") for r in fit(qso, region, host=True, **host_variant)]
+        for t in ("sdss", "sdss+ssp"):
+            rows += [dict(r, templates=t) for r in fit(qso, region, host=True, host_template=t, **host_variant)]
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(GALAXIES):
             path = Path(tmp) / f"without_{name}.csv"
             bht.write(path, *bht.build(args.spectra, [name[5:]]))
-            for region in REGIONS:
-                rows += [dict(r, templates="sdss") for r in fit(gal.isel(spectrum=[i]), region, host=True, host_template=str(path), **host_variant)]
+            for t, template in (("sdss", str(path)), ("sdss+ssp", with_populations(path))):
+                for region in REGIONS:
+                    rows += [dict(r, templates=t) for r in fit(gal.isel(spectrum=[i]), region, host=True, host_template=template, **host_variant)]
     out = [json.dumps(r) for r in rows]
     print("\n".join(out))
     if args.json:
@@ -153,12 +155,23 @@ def main(argv=None) -> int:
     return 0
 
 
+def with_populations(galaxy_templates):
+    """``galaxy_templates`` (a leave-one-out set) with the stellar populations the built-in
+    ``"sdss+ssp"`` adds to the SDSS galaxies."""
+    from sheap_dask.models import host as mhost
+
+    (_, _), (populations, names) = mhost.BUILTIN_COMBINED["sdss+ssp"]
+    return mhost.combine_templates([str(galaxy_templates), populations], name="sdss+ssp", select=[None, names])
+
+
 RECORD = REPO / "benchmarks" / "results" / "host_validation.jsonl"
 FIGURE = REPO / "docs" / "host_broad_profiles.png"
 BENCH_RECORD = REPO / "benchmarks" / "results" / "host.jsonl"  # benchmarks/bench_host.py --record
 README = REPO / "README.md"
 BEGIN, END = "<!-- generated:host-table -->", "<!-- /generated:host-table -->"
 LINE_NAMES = {"hbeta": "Hβ", "halpha": "Hα"}
+#: The template sets of the table and the synthetic paragraphs, in order (the default first).
+TEMPLATE_SETS = ("sdss", "mastar", "sdss+ssp")
 
 
 def profile_figure(qso):
@@ -231,16 +244,20 @@ def render(rows: list[dict]) -> str:
             return "–"
         return f"{value:.2f} ± {error:.2f}" if np.isfinite(error) else f"{value:.2f}"
 
-    lines = ["| spectrum | SDSS class | line | FWHM without host | FWHM, `sdss` templates | FWHM, `mastar` templates "
-             "| χ²ν without → `sdss` / `mastar` | f_host(5100) `sdss` / `mastar` |", "|---|---|---|---|---|---|---|---|"]
+    sets = [t for t in TEMPLATE_SETS if any(r.get("templates") == t for r in rows)]
+    names = " / ".join(f"`{t}`" for t in sets)
+    lines = ["| spectrum | SDSS class | line | FWHM without host | " + " | ".join(f"FWHM, `{t}` templates" for t in sets)
+             + f" | χ²ν without → {names} | f_host(5100) {names} |", "|---|---|---|" + "---|" * (len(sets) + 3)]
     by = {(r["spectrum"], r["region"], r.get("templates") if r["host"] else None): r for r in rows}
     for (spec, region, templates), before in by.items():
         if templates is not None:
             continue
-        sdss, mastar = by[(spec, region, "sdss")], by[(spec, region, "mastar")]
-        label = spec if spec in QUASARS else f"{spec} (`sdss` leave-one-out)"
-        lines.append(f"| {label} | {before.get('sdss_class') or '–'} | {LINE_NAMES[region]} | {width(before)} | {width(sdss)} | {width(mastar)} "
-                     f"| {before['redchi2']:.2f} → {sdss['redchi2']:.2f} / {mastar['redchi2']:.2f} | {fraction(sdss)} / {fraction(mastar)} |")
+        fits = [by[(spec, region, t)] for t in sets]
+        label = spec if spec in QUASARS else f"{spec} ({', '.join(f'`{t}`' for t in sets if t.startswith('sdss'))} leave-one-out)"
+        lines.append(f"| {label} | {before.get('sdss_class') or '–'} | {LINE_NAMES[region]} | {width(before)} | "
+                     + " | ".join(width(f) for f in fits)
+                     + f" | {before['redchi2']:.2f} → " + " / ".join(f"{f['redchi2']:.2f}" for f in fits) + " | "
+                     + " / ".join(fraction(f) for f in fits) + " |")
     return "\n".join(lines)
 
 
@@ -309,7 +326,7 @@ def render_all(bench: list[dict] | None = None) -> str:
         last[(rec.get("templates", "sdss"), variant(rec))] = rec
     default = ("refined", True)
     paragraphs = []
-    for t in ("sdss", "mastar"):
+    for t in TEMPLATE_SETS:
         if (t, default) in last:
             others = [render_variant(r) for (tt, v), r in last.items() if tt == t and v != default]
             paragraphs.append(" ".join([render_bench(last[(t, default)]), *others]))

@@ -30,6 +30,9 @@ Templates (:func:`load_host_template`):
   ``sigma_0`` (239 km/s, SDSS instrumental resolution included), 3400-8050 A, shipped as
   ``sheap_dask/models/data/host_templates.csv`` with its provenance in the header. SDSS data
   are free to use with acknowledgement (see the README).
+* ``"sdss+ssp"``: the three SDSS galaxies and the 3 and 14 Gyr solar MaStar populations,
+  broadened to the galaxies' ``sigma_0`` (:func:`combine_templates`, :data:`BUILTIN_COMBINED`):
+  the leave-one-out GALAXY fits get no spurious broad line, at a higher cost (README).
 * your own: ``(wavelength, flux)`` arrays (``flux`` one template (n,) or several (K, n)), a
   text/CSV file (first column the wavelength, one column per template; a header line
   ``# sigma_0_kms = ...`` gives their dispersion), or a :class:`HostTemplate`.
@@ -53,13 +56,20 @@ import numpy as np
 from ..errors import ModelError
 from .profiles import C_KMS, LogLambdaTemplate
 
-__all__ = ["HostTemplate", "load_host_template", "builtin_templates", "sdss_templates", "host_component", "BUILTIN_TEMPLATE_FILES",
-           "DEFAULT_TEMPLATE", "DEFAULT_TEMPLATE_FILE"]
+__all__ = ["HostTemplate", "load_host_template", "builtin_templates", "combine_templates", "sdss_templates", "host_component",
+           "BUILTIN_TEMPLATE_FILES", "BUILTIN_COMBINED", "BUILTIN_NAMES", "DEFAULT_TEMPLATE", "DEFAULT_TEMPLATE_FILE"]
 
 #: The built-in template sets by name and the script that builds each file.
 BUILTIN_TEMPLATE_FILES = {
     "mastar": Path(__file__).with_name("data") / "host_templates_mastar.csv",  # scripts/build_ssp_templates.py
     "sdss": Path(__file__).with_name("data") / "host_templates.csv",  # scripts/build_host_templates.py
+}
+#: Built-in sets made of others: name -> ((set, templates or None for all), ...), combined by
+#: :func:`combine_templates`. ``"sdss+ssp"``: the three SDSS galaxies and MaStar's old solar
+#: populations (3 and 14 Gyr): with two galaxies alone, a third (early-type) galaxy was fitted
+#: with a spurious broad line (leave-one-out, ``scripts/validate_host.py``).
+BUILTIN_COMBINED = {
+    "sdss+ssp": (("sdss", None), ("mastar", ("A03.000-Z+0.00", "A14.000-Z+0.00"))),
 }
 #: The set a host component uses unless told otherwise.
 DEFAULT_TEMPLATE = "sdss"
@@ -290,6 +300,7 @@ class HostTemplate(LogLambdaTemplate):
 
 _HEADER_VALUE = re.compile(r"^#\s*(sigma_0_kms|sigma_inst_kms)\s*=\s*([-+0-9.eE]+)")
 _DEFAULTS: dict[str, HostTemplate] = {}
+BUILTIN_NAMES = [*BUILTIN_TEMPLATE_FILES, *BUILTIN_COMBINED]
 
 
 def read_template_file(path, *, name: str | None = None, norm_wavelength: float = NORM_WAVELENGTH) -> HostTemplate:
@@ -329,13 +340,70 @@ def read_template_file(path, *, name: str | None = None, norm_wavelength: float 
 
 
 def builtin_templates(name: str = DEFAULT_TEMPLATE) -> HostTemplate:
-    """A built-in template set by name (``"mastar"``, ``"sdss"``; see the module docstring)."""
-    if name not in BUILTIN_TEMPLATE_FILES:
-        raise ModelError(f"host template {name!r} is not a built-in set; use one of {sorted(BUILTIN_TEMPLATE_FILES)}, a file path, "
+    """A built-in template set by name (``"sdss"``, ``"mastar"``, ``"sdss+ssp"``; see the module docstring)."""
+    if name not in BUILTIN_TEMPLATE_FILES and name not in BUILTIN_COMBINED:
+        raise ModelError(f"host template {name!r} is not a built-in set; use one of {BUILTIN_NAMES}, a file path, "
                          "(wavelength, flux) arrays or a HostTemplate.")
     if name not in _DEFAULTS:
-        _DEFAULTS[name] = read_template_file(BUILTIN_TEMPLATE_FILES[name], name=name)
+        if name in BUILTIN_COMBINED:
+            parts = [builtin_templates(part) for part, _ in BUILTIN_COMBINED[name]]
+            _DEFAULTS[name] = combine_templates(parts, name=name, select=[names for _, names in BUILTIN_COMBINED[name]])
+        else:
+            _DEFAULTS[name] = read_template_file(BUILTIN_TEMPLATE_FILES[name], name=name)
     return _DEFAULTS[name]
+
+
+def combine_templates(sets, *, name: str = "combined", select=None) -> HostTemplate:
+    """One template set made of several, e.g. galaxy templates and stellar populations.
+
+    Every template is broadened to the largest ``sigma_0`` of the sets (the Gaussian in
+    quadrature with its own) and resampled onto the first set's ln(lambda) step over the range
+    all sets cover, then normalised at the first set's normalisation wavelength as usual.
+
+    Parameters
+    ----------
+    sets : sequence of HostTemplate (or anything :func:`load_host_template` takes)
+    name : str
+        Name of the combined set.
+    select : sequence of (sequence of str or None), optional
+        Per set, the names of the templates to keep (None: all).
+
+    Returns
+    -------
+    HostTemplate
+        Templates named ``"<set>:<template>"``; the provenance of each set in order.
+
+    Examples
+    --------
+    >>> import sheap_dask as sd
+    >>> t = sd.models.host.combine_templates(["sdss", "mastar"], select=[None, ["A14.000-Z+0.00"]])
+    >>> t.k, t.names[-1]
+    (4, 'mastar:A14.000-Z+0.00')
+    """
+    sets = [load_host_template(s) for s in sets]
+    select = list(select) if select is not None else [None] * len(sets)
+    if not sets or len(select) != len(sets):
+        raise ModelError(f"combine_templates: select has {len(select)} entries for {len(sets)} sets; give one per set (None keeps all).")
+    low = max(t.range[0] for t in sets)
+    high = min(t.range[1] for t in sets)
+    first = sets[0]
+    if not low + 20 < first.norm_wavelength < high - 20:
+        raise ModelError(f"combine_templates: the sets have {low:.0f}-{high:.0f} A in common, which misses the normalisation "
+                         f"wavelength {first.norm_wavelength:g} A; combine sets that overlap there.")
+    lam = np.exp(first.loglam)
+    lam = lam[(lam >= low) & (lam <= high)]
+    sigma0 = max(t.sigma0 for t in sets)
+    fluxes, names, provenance = [], [], []
+    for t, keep in zip(sets, select):
+        idx = list(range(t.k)) if keep is None else [t.names.index(n) if n in t.names else -1 for n in keep]
+        if -1 in idx:
+            raise ModelError(f"combine_templates: set {t.name!r} has no template {keep[idx.index(-1)]!r}; its templates are {t.names}.")
+        fluxes.append(t.evaluate_numpy(lam, sigma_kms=math.sqrt(sigma0**2 - t.sigma0**2))[idx])
+        names += [f"{t.name}:{t.names[i]}" for i in idx]
+        provenance.append(f"set {t.name!r} (sigma_0 {t.sigma0:g} km/s):\n{t.provenance}")
+    return HostTemplate.from_arrays(lam, np.concatenate(fluxes), name=name, names=names, sigma0=sigma0,
+                                    sigma_inst=first.sigma_inst, norm_wavelength=first.norm_wavelength,
+                                    provenance="\n".join(provenance))
 
 
 def sdss_templates() -> HostTemplate:
@@ -349,7 +417,7 @@ def load_host_template(template=DEFAULT_TEMPLATE, *, sigma0: float | None = None
 
     Parameters
     ----------
-    template : "mastar", "sdss", HostTemplate, (wavelength, flux) arrays, or path
+    template : "sdss", "mastar", "sdss+ssp", HostTemplate, (wavelength, flux) arrays, or path
         A built-in set by name (None: :data:`DEFAULT_TEMPLATE`); ``flux`` (n,) for one
         template or (K, n) for several; a path names a text/CSV file (see
         :func:`read_template_file`).
@@ -362,7 +430,7 @@ def load_host_template(template=DEFAULT_TEMPLATE, *, sigma0: float | None = None
         return template
     if template is None:
         return builtin_templates()
-    if isinstance(template, str) and template in BUILTIN_TEMPLATE_FILES:
+    if isinstance(template, str) and template in BUILTIN_NAMES:
         return builtin_templates(template)
     if isinstance(template, (str, os.PathLike)):
         t = read_template_file(template, name=name, norm_wavelength=norm_wavelength)
@@ -373,7 +441,7 @@ def load_host_template(template=DEFAULT_TEMPLATE, *, sigma0: float | None = None
         return HostTemplate.from_arrays(template[0], template[1], name=name or "user", names=names,
                                         sigma0=float(sigma0 or 0.0), norm_wavelength=norm_wavelength)
     raise ModelError(
-        f"host template {template!r} not understood; use 'mastar' or 'sdss', a (wavelength, flux) pair of arrays (flux (n,) or (K, n)), "
+        f"host template {template!r} not understood; use a built-in set {BUILTIN_NAMES}, a (wavelength, flux) pair of arrays (flux (n,) or (K, n)), "
         "a file path, or a HostTemplate."
     )
 
@@ -394,7 +462,7 @@ def host_component(
     ----------
     name : str
         Component name; parameters ``{name}_w1 .. {name}_wK``, ``{name}_sigma``, ``{name}_shift``.
-    template : "mastar", "sdss", (wavelength, flux) arrays, path, or HostTemplate
+    template : "sdss", "mastar", "sdss+ssp", (wavelength, flux) arrays, path, or HostTemplate
         See :func:`load_host_template` (default the three SDSS galaxies).
     window : (float, float), optional
         Range the model is evaluated on: restricts the template grid (faster) and checks

@@ -278,6 +278,7 @@ def region(
         Own host templates: ``(wavelength, flux)`` arrays (flux (n,) or (K, n)), a file path
         or a :class:`~sheap_dask.models.host.HostTemplate`, or a built-in set by name
         (default ``"sdss"``: three SDSS galaxies, 3400-8050 A; ``"mastar"``: six MaStar stellar
+        populations, 3700-8050 A; ``"sdss+ssp"``: the three galaxies and the 3 and 14 Gyr solar
         populations, 3700-8050 A).
 
     Returns
