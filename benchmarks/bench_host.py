@@ -18,13 +18,14 @@ chunk by chunk (a change of the machine's load hits both alike). Prints one JSON
   and 2 reported errors, and the fraction within the tolerance that an unbiased fit with
   exactly these errors would reach.
 
-``--template mastar`` measures the MaStar stellar populations instead of the default ``"sdss"``
-galaxy templates (the synthetic host is then drawn from them too). ``--continuum`` sets the
+``--template sdss+ssp|mastar`` measures the SDSS galaxies with two old stellar populations or
+the MaStar stellar populations instead of the default ``"sdss"`` galaxies (the synthetic host
+is then drawn from them too). ``--continuum`` sets the
 host model's continuum mode (default the region's, ``"refined"``; the model without the host
 keeps its own default) and ``--no-restarts`` turns its LM restarts off, to measure the
 alternatives; the line records both (``continuum``, ``restarts``).
 
-Run: ``python benchmarks/bench_host.py [--n 1200] [--chunk 100] [--template sdss|mastar]
+Run: ``python benchmarks/bench_host.py [--n 1200] [--chunk 100] [--template sdss|sdss+ssp|mastar]
 [--continuum windows|refined|joint] [--no-restarts] [--record]``;
 ``--record`` appends the line to ``benchmarks/results/host.jsonl``, which
 ``scripts/validate_host.py`` renders into the README (the last line of each template set).
@@ -43,6 +44,7 @@ from sheap_dask.chunk import fit_chunk
 from sheap_dask.options import ChunkOptions
 from sheap_dask.derived import host as dhost
 from sheap_dask.derived import lines as dlines
+from sheap_dask.models import host as mhost
 
 
 def fwhm_of(model, params, cov=None):
@@ -103,7 +105,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1200)
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--seed", type=int, default=3)
-    ap.add_argument("--template", default="sdss", choices=("sdss", "mastar", "sdss+ssp"), help="the built-in host templates")
+    ap.add_argument("--template", default=mhost.DEFAULT_TEMPLATE, choices=mhost.BUILTIN_NAMES, help="the built-in host templates")
     ap.add_argument("--continuum", default=None, choices=("windows", "refined", "joint"), help="the host model's continuum mode")
     ap.add_argument("--no-restarts", action="store_true", help="the host model without LM restarts")
     ap.add_argument("--record", action="store_true", help="append the line to benchmarks/results/host.jsonl")

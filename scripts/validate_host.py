@@ -15,10 +15,13 @@ and H-alpha of
 * the three SDSS GALAXY spectra (spec-0266-51602-0013, spec-0266-51602-0107,
   spec-0295-51585-0596)
 
-three times: ``host=False`` (before); with the default ``"sdss"`` templates (for a GALAXY
-spectrum the set built *without* it, ``scripts/build_host_templates.py --leave-out``: never
-on the spectrum a template came from); and with the ``"mastar"`` stellar populations, none of
-which comes from these spectra.
+four times: ``host=False`` (before); with the default ``"sdss"`` galaxies and with
+``"sdss+ssp"`` (for a GALAXY spectrum the galaxies *without* it,
+``scripts/build_host_templates.py --leave-out``, and for ``"sdss+ssp"`` the two populations
+added, :func:`with_populations`: never on the spectrum a template came from); and with the
+``"mastar"`` stellar populations, none of which comes from these spectra. Then H-beta of the
+ten SDSS epochs of RM017 (one quasar, whose broad H-beta should change little from epoch to
+epoch) with ``"sdss"`` and ``"sdss+ssp"``: how stable each set's broad width is.
 
 Prints one JSON line per (spectrum, region, host) with the broad line's FWHM and its error
 (``fits.sheap.fwhm(..., errors=True)``), whether it is detected, the reduced chi-square, and
@@ -143,6 +146,9 @@ def main(argv=None) -> int:
             for t, template in (("sdss", str(path)), ("sdss+ssp", with_populations(path))):
                 for region in REGIONS:
                     rows += [dict(r, templates=t) for r in fit(gal.isel(spectrum=[i]), region, host=True, host_template=template, **host_variant)]
+    epochs = sd.io.read_sdss_spectra([str(f) for f in epoch_files(args.spectra)])
+    for t in ("sdss", "sdss+ssp"):
+        rows += [dict(r, templates=t) for r in fit(epochs, "hbeta", host=True, host_template=t, **host_variant)]
     out = [json.dumps(r) for r in rows]
     print("\n".join(out))
     if args.json:
@@ -171,11 +177,18 @@ README = REPO / "README.md"
 BEGIN, END = "<!-- generated:host-table -->", "<!-- /generated:host-table -->"
 LINE_NAMES = {"hbeta": "Hβ", "halpha": "Hα"}
 #: The template sets of the table and the synthetic paragraphs, in order (the default first).
-TEMPLATE_SETS = ("sdss", "mastar", "sdss+ssp")
+TEMPLATE_SETS = ("sdss", "sdss+ssp", "mastar")
+#: The multi-epoch quasar: its SDSS spectra (folder under the spectra directory).
+EPOCHS = "pyqsofit_rm017"
+
+
+def epoch_files(spectra: Path) -> list[Path]:
+    """RM017's SDSS spectra (SDSS J141324.27+530527.0, z = 0.456), by file name."""
+    return sorted(p for p in (spectra / EPOCHS).glob("spec-*.fits"))
 
 
 def profile_figure(qso):
-    """One panel per quasar: broad H-beta and H-alpha of the default fits (host, ``sdss``
+    """One panel per quasar: broad H-beta and H-alpha of the default fits (host, default
     templates) in velocity, each normalised to its fitted broad line's peak; thin: the data
     minus every other fitted component (continuum, host, FeII, narrow lines, HeII), smoothed
     over 7 pixels; thick: the fitted broad line."""
@@ -185,6 +198,7 @@ def profile_figure(qso):
     import matplotlib.pyplot as plt
 
     import sheap_dask as sd
+    from sheap_dask.models import host as mhost
     from sheap_dask.models.lines import LINES
     from sheap_dask.models.profiles import C_KMS
 
@@ -220,7 +234,7 @@ def profile_figure(qso):
             ax.legend(fontsize=7, loc="upper left")
     np.atleast_1d(axes)[0].set_ylabel("flux / fitted broad peak")
     np.atleast_1d(axes)[0].set_ylim(-0.6, 1.9)
-    fig.suptitle("Broad Balmer lines of the low-luminosity quasars (host on, sdss templates): data minus every other "
+    fig.suptitle(f"Broad Balmer lines of the low-luminosity quasars (host on, {mhost.DEFAULT_TEMPLATE} templates): data minus every other "
                  "component (thin) and the fitted broad line (thick)", fontsize=9)
     fig.tight_layout()
     return fig
@@ -250,6 +264,8 @@ def render(rows: list[dict]) -> str:
              + f" | χ²ν without → {names} | f_host(5100) {names} |", "|---|---|---|" + "---|" * (len(sets) + 3)]
     by = {(r["spectrum"], r["region"], r.get("templates") if r["host"] else None): r for r in rows}
     for (spec, region, templates), before in by.items():
+        if spec not in QUASARS and spec not in GALAXIES:  # the epochs: render_epochs
+            continue
         if templates is not None:
             continue
         fits = [by[(spec, region, t)] for t in sets]
@@ -323,14 +339,32 @@ def render_all(bench: list[dict] | None = None) -> str:
     synthetic record (``bench``, default the recorded lines) and the last of each alternative."""
     last = {}
     for rec in load(BENCH_RECORD) if bench is None else bench:
-        last[(rec.get("templates", "sdss"), variant(rec))] = rec
+        last[(rec.get("templates", "sdss"), variant(rec))] = rec  # lines without "templates" predate the other sets
     default = ("refined", True)
     paragraphs = []
     for t in TEMPLATE_SETS:
         if (t, default) in last:
             others = [render_variant(r) for (tt, v), r in last.items() if tt == t and v != default]
             paragraphs.append(" ".join([render_bench(last[(t, default)]), *others]))
-    return render(load()) + "\n\n" + "\n\n".join(paragraphs)
+    rows = load()
+    return "\n\n".join([render(rows), render_epochs(rows), *paragraphs])
+
+
+def render_epochs(rows: list[dict]) -> str:
+    """One sentence per template set on RM017's epochs: how many detect its broad H-beta, the
+    median FWHM and the range over the epochs, the median host fraction."""
+    epochs = [r for r in rows if r["spectrum"] not in QUASARS and r["spectrum"] not in GALAXIES]
+    parts = []
+    for t in TEMPLATE_SETS:
+        mine = [r for r in epochs if r.get("templates") == t]
+        if not mine:
+            continue
+        fw = np.array([r["fwhm"] for r in mine if r["broad_detected"]])
+        frac = np.median([r["frac_host_5100"] for r in mine])
+        parts.append(f"with `{t}` the broad Hβ is detected in {fw.size} of {len(mine)} epochs, FWHM median "
+                     f"{np.median(fw):.0f} km/s, {fw.min():.0f}–{fw.max():.0f} km/s over the epochs, median f_host(5100) {frac:.2f}")
+    return (f"RM017's {len(epochs) // max(len(parts), 1)} SDSS epochs (SDSS J141324.27+530527.0, z = 0.456; one quasar, "
+            "whose broad Hβ width is not expected to double from one epoch to another; Hβ with the [OIII] wing, same run): " + "; ".join(parts) + ".")
 
 
 if __name__ == "__main__":

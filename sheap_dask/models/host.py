@@ -31,8 +31,10 @@ Templates (:func:`load_host_template`):
   ``sheap_dask/models/data/host_templates.csv`` with its provenance in the header. SDSS data
   are free to use with acknowledgement (see the README).
 * ``"sdss+ssp"``: the three SDSS galaxies and the 3 and 14 Gyr solar MaStar populations,
-  broadened to the galaxies' ``sigma_0`` (:func:`combine_templates`, :data:`BUILTIN_COMBINED`):
-  the leave-one-out GALAXY fits get no spurious broad line, at a higher cost (README).
+  broadened to the galaxies' ``sigma_0`` (:func:`combine_templates`,
+  :data:`BUILTIN_COMBINED`), 3700-8050 A: with the two old populations no GALAXY spectrum gets
+  a spurious broad H-beta, which two SDSS galaxies alone left in a third (leave-one-out,
+  ``scripts/validate_host.py``); the README says what it costs.
 * your own: ``(wavelength, flux)`` arrays (``flux`` one template (n,) or several (K, n)), a
   text/CSV file (first column the wavelength, one column per template; a header line
   ``# sigma_0_kms = ...`` gives their dispersion), or a :class:`HostTemplate`.
@@ -67,7 +69,7 @@ BUILTIN_TEMPLATE_FILES = {
 #: Built-in sets made of others: name -> ((set, templates or None for all), ...), combined by
 #: :func:`combine_templates`. ``"sdss+ssp"``: the three SDSS galaxies and MaStar's old solar
 #: populations (3 and 14 Gyr): with two galaxies alone, a third (early-type) galaxy was fitted
-#: with a spurious broad line (leave-one-out, ``scripts/validate_host.py``).
+#: with a spurious broad H-beta (leave-one-out, ``scripts/validate_host.py``).
 BUILTIN_COMBINED = {
     "sdss+ssp": (("sdss", None), ("mastar", ("A03.000-Z+0.00", "A14.000-Z+0.00"))),
 }
@@ -463,7 +465,7 @@ def host_component(
     name : str
         Component name; parameters ``{name}_w1 .. {name}_wK``, ``{name}_sigma``, ``{name}_shift``.
     template : "sdss", "mastar", "sdss+ssp", (wavelength, flux) arrays, path, or HostTemplate
-        See :func:`load_host_template` (default the three SDSS galaxies).
+        See :func:`load_host_template` (default :data:`DEFAULT_TEMPLATE`, the three SDSS galaxies).
     window : (float, float), optional
         Range the model is evaluated on: restricts the template grid (faster) and checks
         that the templates cover it.

@@ -279,7 +279,7 @@ def region(
         or a :class:`~sheap_dask.models.host.HostTemplate`, or a built-in set by name
         (default ``"sdss"``: three SDSS galaxies, 3400-8050 A; ``"mastar"``: six MaStar stellar
         populations, 3700-8050 A; ``"sdss+ssp"``: the three galaxies and the 3 and 14 Gyr solar
-        populations, 3700-8050 A).
+        MaStar populations, 3700-8050 A).
 
     Returns
     -------
