@@ -184,6 +184,9 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oiii-wing", action="store_true", help="hbeta: a blueshifted outflow wing on each [OIII] line")
     p.add_argument("--balmer", action="store_true", help="mgii: add a Balmer continuum")
     p.add_argument("--host", default=None, choices=["auto", "on", "off"], help="host-galaxy starlight (default auto: on for hbeta and halpha)")
+    p.add_argument("--host-template", default=None, metavar="NAME|FILE",
+                   help="host templates: a built-in set (sdss, the default; sdss+ssp, for galaxies among the targets; mastar) "
+                        "or a CSV/text file of your own")
     p.add_argument("--continuum", default=None, choices=["windows", "refined", "joint"],
                    help="continuum from line-free windows first (default), then refined over the window (refined), or joint")
 
@@ -345,6 +348,11 @@ def _region_options(args, name: str, *, strict: bool) -> dict:
     host = getattr(args, "host", None)
     if host is not None:
         kwargs["host"] = {"auto": "auto", "on": True, "off": False}[host]
+    template = getattr(args, "host_template", None)
+    if template is not None:
+        if strict and host == "off":
+            raise ValueError("--host-template names the templates of a host, but --host off leaves the host out; drop one of the two")
+        kwargs["host_template"] = template  # a region without a host ignores it
     if getattr(args, "continuum", None) is not None:
         kwargs["continuum"] = args.continuum
     return kwargs

@@ -92,7 +92,20 @@ def test_fit_region_options(spectra_store, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", str(spectra_store), str(tmp_path / "o"), "--model", "hbta"])
     assert "argument --model: 'hbta' is not a built-in region; use one of hbeta" in capsys.readouterr().err
+    # the host's templates: a built-in set by name or a file; a typo names the sets
+    assert main(["fit", str(spectra_store), str(tmp_path / "o"), "--model", "hbeta", "--host-template", "sdss_ssp"]) == 1
+    err = capsys.readouterr().err
+    assert "host template 'sdss_ssp' is not a built-in set ['mastar', 'sdss', 'sdss+ssp'] and as a file it does not exist" in err
+    assert main(["fit", str(spectra_store), str(tmp_path / "o"), "--model", "hbeta", "--host", "off", "--host-template", "sdss+ssp"]) == 1
+    assert "--host off leaves the host out" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    from sheap_dask.cli import _parser, _region_model, _region_options
+
+    args = _parser().parse_args(["catalog", "in.zarr", "out", "--host-template", "sdss+ssp"])
+    assert _region_options(args, "halpha", strict=False)["host_template"] == "sdss+ssp"
+    assert sd.models.region("mgii", **_region_options(args, "mgii", strict=False)).metadata["host"] == []  # no host there
+    model = _region_model(_parser().parse_args(["fit", "in.zarr", "out", "--model", "hbeta", "--host-template", "sdss+ssp"]))
+    assert model.metadata["region_spec"]["kwargs"]["host_template"] == "sdss+ssp" and "host_w5" in model.param_names
 
 
 def test_catalog_straight_from_sdss_files(shared_spectra, tmp_path, synchronous, capsys):

@@ -435,6 +435,9 @@ def load_host_template(template=DEFAULT_TEMPLATE, *, sigma0: float | None = None
     if isinstance(template, str) and template in BUILTIN_NAMES:
         return builtin_templates(template)
     if isinstance(template, (str, os.PathLike)):
+        if not os.path.exists(template):
+            raise ModelError(f"host template {str(template)!r} is not a built-in set {BUILTIN_NAMES} and as a file it does not "
+                             "exist; pass one of those names or a CSV/text file (wavelength, template columns...).")
         t = read_template_file(template, name=name, norm_wavelength=norm_wavelength)
         if sigma0 is not None:
             t.sigma0 = float(sigma0)
