@@ -20,8 +20,8 @@ four times: ``host=False`` (before); with the default ``"sdss"`` galaxies and wi
 ``scripts/build_host_templates.py --leave-out``, and for ``"sdss+ssp"`` the two populations
 added, :func:`with_populations`: never on the spectrum a template came from); and with the
 ``"mastar"`` stellar populations, none of which comes from these spectra. Then H-beta of the
-ten SDSS epochs of RM017 (one quasar, whose broad H-beta should change little from epoch to
-epoch) with ``"sdss"`` and ``"sdss+ssp"``: how stable each set's broad width is.
+ten SDSS epochs of RM017 (one quasar, whose broad H-beta width is not expected to double from
+one epoch to another) with ``"sdss"`` and ``"sdss+ssp"``: how stable each set's broad width is.
 
 Prints one JSON line per (spectrum, region, host) with the broad line's FWHM and its error
 (``fits.sheap.fwhm(..., errors=True)``), whether it is detected, the reduced chi-square, and
@@ -264,9 +264,7 @@ def render(rows: list[dict]) -> str:
              + f" | χ²ν without → {names} | f_host(5100) {names} |", "|---|---|---|" + "---|" * (len(sets) + 3)]
     by = {(r["spectrum"], r["region"], r.get("templates") if r["host"] else None): r for r in rows}
     for (spec, region, templates), before in by.items():
-        if spec not in QUASARS and spec not in GALAXIES:  # the epochs: render_epochs
-            continue
-        if templates is not None:
+        if templates is not None or (spec not in QUASARS and spec not in GALAXIES):  # the epochs: render_epochs
             continue
         fits = [by[(spec, region, t)] for t in sets]
         label = spec if spec in QUASARS else f"{spec} ({', '.join(f'`{t}`' for t in sets if t.startswith('sdss'))} leave-one-out)"
@@ -347,12 +345,12 @@ def render_all(bench: list[dict] | None = None) -> str:
             others = [render_variant(r) for (tt, v), r in last.items() if tt == t and v != default]
             paragraphs.append(" ".join([render_bench(last[(t, default)]), *others]))
     rows = load()
-    return "\n\n".join([render(rows), render_epochs(rows), *paragraphs])
+    return "\n\n".join(p for p in [render(rows), render_epochs(rows), *paragraphs] if p)
 
 
 def render_epochs(rows: list[dict]) -> str:
-    """One sentence per template set on RM017's epochs: how many detect its broad H-beta, the
-    median FWHM and the range over the epochs, the median host fraction."""
+    """One sentence on RM017's epochs, per template set: how many detect its broad H-beta, the
+    median FWHM and the range over the epochs, the median host fraction ("" without epochs)."""
     epochs = [r for r in rows if r["spectrum"] not in QUASARS and r["spectrum"] not in GALAXIES]
     parts = []
     for t in TEMPLATE_SETS:
@@ -360,11 +358,14 @@ def render_epochs(rows: list[dict]) -> str:
         if not mine:
             continue
         fw = np.array([r["fwhm"] for r in mine if r["broad_detected"]])
-        frac = np.median([r["frac_host_5100"] for r in mine])
-        parts.append(f"with `{t}` the broad Hβ is detected in {fw.size} of {len(mine)} epochs, FWHM median "
-                     f"{np.median(fw):.0f} km/s, {fw.min():.0f}–{fw.max():.0f} km/s over the epochs, median f_host(5100) {frac:.2f}")
-    return (f"RM017's {len(epochs) // max(len(parts), 1)} SDSS epochs (SDSS J141324.27+530527.0, z = 0.456; one quasar, "
-            "whose broad Hβ width is not expected to double from one epoch to another; Hβ with the [OIII] wing, same run): " + "; ".join(parts) + ".")
+        widths = f", FWHM median {np.median(fw):.0f} km/s, {fw.min():.0f}–{fw.max():.0f} km/s over the epochs" if fw.size else ""
+        parts.append(f"with `{t}` the broad Hβ is detected in {fw.size} of {len(mine)} epochs{widths}, median f_host(5100) "
+                     f"{np.median([r['frac_host_5100'] for r in mine]):.2f}")
+    if not parts:
+        return ""
+    return (f"RM017's {len({r['spectrum'] for r in epochs})} SDSS epochs (SDSS J141324.27+530527.0, z = 0.456; one quasar, "
+            "whose broad Hβ width is not expected to double from one epoch to another; Hβ with the [OIII] wing, same run): "
+            + "; ".join(parts) + ".")
 
 
 if __name__ == "__main__":

@@ -360,7 +360,9 @@ def combine_templates(sets, *, name: str = "combined", select=None) -> HostTempl
 
     Every template is broadened to the largest ``sigma_0`` of the sets (the Gaussian in
     quadrature with its own) and resampled onto the first set's ln(lambda) step over the range
-    all sets cover, then normalised at the first set's normalisation wavelength as usual.
+    all sets cover, then normalised at the first set's normalisation wavelength as usual; the
+    instrumental dispersion (for :func:`~sheap_dask.derived.host.stellar_dispersion`) is the
+    first set's.
 
     Parameters
     ----------
@@ -383,8 +385,10 @@ def combine_templates(sets, *, name: str = "combined", select=None) -> HostTempl
     (4, 'mastar:A14.000-Z+0.00')
     """
     sets = [load_host_template(s) for s in sets]
+    if not sets:
+        raise ModelError("combine_templates: no sets given; pass at least one (a name, a file, arrays or a HostTemplate).")
     select = list(select) if select is not None else [None] * len(sets)
-    if not sets or len(select) != len(sets):
+    if len(select) != len(sets):
         raise ModelError(f"combine_templates: select has {len(select)} entries for {len(sets)} sets; give one per set (None keeps all).")
     low = max(t.range[0] for t in sets)
     high = min(t.range[1] for t in sets)
