@@ -166,8 +166,7 @@ def with_populations(galaxy_templates):
     ``"sdss+ssp"`` adds to the SDSS galaxies."""
     from sheap_dask.models import host as mhost
 
-    (_, _), (populations, names) = mhost.BUILTIN_COMBINED["sdss+ssp"]
-    return mhost.combine_templates([str(galaxy_templates), populations], name="sdss+ssp", select=[None, names])
+    return mhost.combined_builtin("sdss+ssp", {"sdss": str(galaxy_templates)})
 
 
 RECORD = REPO / "benchmarks" / "results" / "host_validation.jsonl"

@@ -424,12 +424,11 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
     for key, part, part_options in (("c", stage.model, _windows_options(stage, options)), ("l", stage.lines, options)):
         compiled = get_compiled(part, part_options, penalty_function)
         idx = np.array([names.index(n) for n in part.param_names])
-        parts[key] = (idx, compiled.embed_matrix, *_value_and_jacobian(compiled, wl_rows, p_all[:, idx], group))
-    (c_idx, Ec, cont, Jc), (l_idx, El, lines, Jl) = parts["c"], parts["l"]
+        parts[key] = (compiled, idx, compiled.embed_matrix, *_value_and_jacobian(compiled, wl_rows, p_all[:, idx], group))
+    (compiled_c, c_idx, Ec, cont, Jc), (compiled_l, l_idx, El, lines, Jl) = parts["c"], parts["l"]
     if refine:
         before = objective = _objective(data - cont - lines, inv_var, usable, options)
         chi2_before = _chi2(data - cont - lines, inv_var, usable)
-        compiled_c = get_compiled(stage.model, _windows_options(stage, options), penalty_function)
         # chord steps: the staged fit's Jacobian serves every step (most continuum parameters
         # are linear; each step is kept only where it lowers the objective) and then the lines'
         # error propagation. The continuum keeps the windows' fit's errors: the refined values
@@ -447,7 +446,7 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
         # in the lines' objective's own scale: LM's 2 sum(rho) (sum of r^2 for a chi-square),
         # or the mean of rho of adam/lbfgs
         change = objective - before
-        if get_compiled(stage.lines, options, penalty_function).objective_is_mean:
+        if compiled_l.objective_is_mean:
             change = change / (2.0 if options.loss_kind == "logcosh" else 1.0) / np.maximum(usable.sum(axis=1), 1)
         out["loss"][rows] += change
         out["params"][rows[:, None], c_idx[None, :]] = p_all[:, c_idx] * np.where(flux_mask[c_idx][None, :], scale[:, None], 1.0)

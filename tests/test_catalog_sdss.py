@@ -54,12 +54,13 @@ def assert_tables_agree(fresh: str, committed: str, two_minima=frozenset()) -> N
     for row_a, row_b in zip(a, b):
         assert len(row_a) == len(row_b), row_b[0]
         for column, (x, y) in enumerate(zip(row_a, row_b)):
-            if row_b[0] in two_minima_rows and column < len(header) and header[column] == "flags":
+            name = header[column] if column < len(header) else None
+            if row_b[0] in two_minima_rows and name == "flags":
                 x, y = _without(x, WIDTH_FLAGS), _without(y, WIDTH_FLAGS)
             assert NUMBER.sub("#", x) == NUMBER.sub("#", y), (row_b[0], x, y)
             numbers = list(zip(NUMBER.findall(x), NUMBER.findall(y)))
             error = float(numbers[1][1]) if len(numbers) == 2 and " ± " in y else None
-            if error is not None and (row_b[0], header[column] if column < len(header) else None) in two_minima:
+            if error is not None and (row_b[0], name) in two_minima:
                 joint = np.hypot(float(numbers[1][0]), error)
                 assert abs(float(numbers[0][0]) - float(numbers[0][1])) <= joint, (row_b[0], x, y)
                 continue

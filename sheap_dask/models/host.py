@@ -58,7 +58,7 @@ import numpy as np
 from ..errors import ModelError
 from .profiles import C_KMS, LogLambdaTemplate
 
-__all__ = ["HostTemplate", "load_host_template", "builtin_templates", "combine_templates", "sdss_templates", "host_component",
+__all__ = ["HostTemplate", "load_host_template", "builtin_templates", "combine_templates", "combined_builtin", "sdss_templates", "host_component",
            "BUILTIN_TEMPLATE_FILES", "BUILTIN_COMBINED", "BUILTIN_NAMES", "DEFAULT_TEMPLATE", "DEFAULT_TEMPLATE_FILE"]
 
 #: The built-in template sets by name and the script that builds each file.
@@ -73,6 +73,7 @@ BUILTIN_TEMPLATE_FILES = {
 BUILTIN_COMBINED = {
     "sdss+ssp": (("sdss", None), ("mastar", ("A03.000-Z+0.00", "A14.000-Z+0.00"))),
 }
+BUILTIN_NAMES = [*BUILTIN_TEMPLATE_FILES, *BUILTIN_COMBINED]
 #: The set a host component uses unless told otherwise.
 DEFAULT_TEMPLATE = "sdss"
 DEFAULT_TEMPLATE_FILE = BUILTIN_TEMPLATE_FILES[DEFAULT_TEMPLATE]
@@ -302,7 +303,6 @@ class HostTemplate(LogLambdaTemplate):
 
 _HEADER_VALUE = re.compile(r"^#\s*(sigma_0_kms|sigma_inst_kms)\s*=\s*([-+0-9.eE]+)")
 _DEFAULTS: dict[str, HostTemplate] = {}
-BUILTIN_NAMES = [*BUILTIN_TEMPLATE_FILES, *BUILTIN_COMBINED]
 
 
 def read_template_file(path, *, name: str | None = None, norm_wavelength: float = NORM_WAVELENGTH) -> HostTemplate:
@@ -313,7 +313,8 @@ def read_template_file(path, *, name: str | None = None, norm_wavelength: float 
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ModelError(f"host template file {path!r} does not exist; pass a CSV/text file (wavelength, template columns...).")
+        raise ModelError(f"host template {path!r} is not a built-in set {BUILTIN_NAMES} and as a file it does not exist; pass one "
+                         "of those names or a CSV/text file (wavelength, template columns...).")
     values = {"sigma_0_kms": 0.0, "sigma_inst_kms": 0.0}
     comments, rows, names = [], [], None
     with open(path) as fh:
@@ -343,16 +344,22 @@ def read_template_file(path, *, name: str | None = None, norm_wavelength: float 
 
 def builtin_templates(name: str = DEFAULT_TEMPLATE) -> HostTemplate:
     """A built-in template set by name (``"sdss"``, ``"mastar"``, ``"sdss+ssp"``; see the module docstring)."""
-    if name not in BUILTIN_TEMPLATE_FILES and name not in BUILTIN_COMBINED:
+    if name not in BUILTIN_NAMES:
         raise ModelError(f"host template {name!r} is not a built-in set; use one of {BUILTIN_NAMES}, a file path, "
                          "(wavelength, flux) arrays or a HostTemplate.")
     if name not in _DEFAULTS:
-        if name in BUILTIN_COMBINED:
-            parts = [builtin_templates(part) for part, _ in BUILTIN_COMBINED[name]]
-            _DEFAULTS[name] = combine_templates(parts, name=name, select=[names for _, names in BUILTIN_COMBINED[name]])
-        else:
-            _DEFAULTS[name] = read_template_file(BUILTIN_TEMPLATE_FILES[name], name=name)
+        _DEFAULTS[name] = combined_builtin(name) if name in BUILTIN_COMBINED else read_template_file(BUILTIN_TEMPLATE_FILES[name], name=name)
     return _DEFAULTS[name]
+
+
+def combined_builtin(name: str, replace: dict | None = None) -> HostTemplate:
+    """A combined built-in set (:data:`BUILTIN_COMBINED`), each part the built-in set of its
+    name unless ``replace`` maps that name to other templates (anything
+    :func:`load_host_template` takes): e.g. ``combined_builtin("sdss+ssp", {"sdss": path})``
+    puts a leave-one-out set of galaxies in place of the three."""
+    replace = replace or {}
+    parts = BUILTIN_COMBINED[name]
+    return combine_templates([replace.get(part, part) for part, _ in parts], name=name, select=[names for _, names in parts])
 
 
 def combine_templates(sets, *, name: str = "combined", select=None) -> HostTemplate:
@@ -401,9 +408,10 @@ def combine_templates(sets, *, name: str = "combined", select=None) -> HostTempl
     sigma0 = max(t.sigma0 for t in sets)
     fluxes, names, provenance = [], [], []
     for t, keep in zip(sets, select):
-        idx = list(range(t.k)) if keep is None else [t.names.index(n) if n in t.names else -1 for n in keep]
-        if -1 in idx:
-            raise ModelError(f"combine_templates: set {t.name!r} has no template {keep[idx.index(-1)]!r}; its templates are {t.names}.")
+        missing = [n for n in keep or () if n not in t.names]
+        if missing:
+            raise ModelError(f"combine_templates: set {t.name!r} has no template {missing[0]!r}; its templates are {t.names}.")
+        idx = list(range(t.k)) if keep is None else [t.names.index(n) for n in keep]
         fluxes.append(t.evaluate_numpy(lam, sigma_kms=math.sqrt(sigma0**2 - t.sigma0**2))[idx])
         names += [f"{t.name}:{t.names[i]}" for i in idx]
         provenance.append(f"set {t.name!r} (sigma_0 {t.sigma0:g} km/s):\n{t.provenance}")
@@ -439,9 +447,6 @@ def load_host_template(template=DEFAULT_TEMPLATE, *, sigma0: float | None = None
     if isinstance(template, str) and template in BUILTIN_NAMES:
         return builtin_templates(template)
     if isinstance(template, (str, os.PathLike)):
-        if not os.path.exists(template):
-            raise ModelError(f"host template {str(template)!r} is not a built-in set {BUILTIN_NAMES} and as a file it does not "
-                             "exist; pass one of those names or a CSV/text file (wavelength, template columns...).")
         t = read_template_file(template, name=name, norm_wavelength=norm_wavelength)
         if sigma0 is not None:
             t.sigma0 = float(sigma0)
