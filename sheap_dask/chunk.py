@@ -419,39 +419,28 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
     group = group_size(max(int(pad_to or len(out["status"])), len(out["status"])))
     flux_mask = np.isin(names, list(getattr(model, "flux_params", ()) or ()))
     p_all = out["params"][rows] / np.where(flux_mask[None, :], scale[:, None], 1.0)
-    refine = int(getattr(stage, "refine_steps", 0))
+    refine, joint = (int(getattr(stage, steps, 0)) for steps in ("refine_steps", "joint_steps"))
     parts = {}
     for key, part, part_options in (("c", stage.model, _windows_options(stage, options)), ("l", stage.lines, options)):
         compiled = get_compiled(part, part_options, penalty_function)
         idx = np.array([names.index(n) for n in part.param_names])
         parts[key] = (compiled, idx, compiled.embed_matrix, *_value_and_jacobian(compiled, wl_rows, p_all[:, idx], group))
     (compiled_c, c_idx, Ec, cont, Jc), (compiled_l, l_idx, El, lines, Jl) = parts["c"], parts["l"]
-    if refine:
-        before = objective = _objective(data - cont - lines, inv_var, usable, options)
-        chi2_before = _chi2(data - cont - lines, inv_var, usable)
-        # chord steps: the staged fit's Jacobian serves every step (most continuum parameters
-        # are linear; each step is kept only where it lowers the objective) and then the lines'
-        # error propagation. The continuum keeps the windows' fit's errors: the refined values
-        # scatter less, so they err on the large side (its covariance with the lines held at a
-        # fit on the windows' continuum is not the whole window's). A parameter the windows'
-        # fit left undefined (a host dispersion resting at 0) stays where it is.
-        own = c_idx[np.argmax(Ec != 0, axis=0)]
-        undefined = np.isnan(np.einsum("nii->ni", out["params_cov"][rows][:, own[:, None], own[None, :]]))
-        for _ in range(refine):
-            p_all[:, c_idx], cont, objective = _refine_step(compiled_c, stage.model, p_all[:, c_idx], Ec, cont, objective, Jc, data - lines,
-                                                            inv_var, usable, options, wl_rows, group, undefined)
-        # the reported fit is the refined one: its objective and plain chi-square
-        out["chi2"][rows] += _chi2(data - cont - lines, inv_var, usable) - chi2_before
-        update_redchi2(out, rows)
-        # in the lines' objective's own scale: LM's 2 sum(rho) (sum of r^2 for a chi-square),
-        # or the mean of rho of adam/lbfgs
-        change = objective - before
-        if compiled_l.objective_is_mean:
-            change = change / (2.0 if options.loss_kind == "logcosh" else 1.0) / np.maximum(usable.sum(axis=1), 1)
-        out["loss"][rows] += change
-        out["params"][rows[:, None], c_idx[None, :]] = p_all[:, c_idx] * np.where(flux_mask[c_idx][None, :], scale[:, None], 1.0)
-        lower, upper = (np.broadcast_to(b, p_all[:, c_idx].shape) for b in (stage.model.params.lower, stage.model.params.upper))
-        out["at_bound"][rows[:, None], c_idx[None, :]] = pinned(p_all[:, c_idx], compiled_c, lower, upper, options.pinned_tolerance)
+    objective = before = _objective(data - cont - lines, inv_var, usable, options)
+    chi2_before = _chi2(data - cont - lines, inv_var, usable)
+    # A parameter the windows' fit left undefined (a host dispersion resting at 0) stays where it is.
+    own = c_idx[np.argmax(Ec != 0, axis=0)]
+    undefined = np.isnan(np.einsum("nii->ni", out["params_cov"][rows][:, own[:, None], own[None, :]]))
+    # chord steps: the staged fit's Jacobian serves every step (most continuum parameters
+    # are linear; each step is kept only where it lowers the objective) and then the lines'
+    # error propagation. The continuum keeps the windows' fit's errors: the refined values
+    # scatter less, so they err on the large side (its covariance with the lines held at a
+    # fit on the windows' continuum is not the whole window's).
+    lower_c, upper_c = stage.model.params.lower, stage.model.params.upper
+    for _ in range(refine):
+        p_all[:, c_idx], cont, objective = _gauss_newton_step(lambda p: _evaluate(compiled_c, wl_rows, p, group), p_all[:, c_idx], Ec,
+                                                              lower_c, upper_c, cont, objective, Jc, data - lines, inv_var, usable,
+                                                              options, undefined)
     weight = _irls_weights(data - cont - lines, inv_var, options)
     F_lc = np.einsum("nip,np,njp->nij", Jl, weight, Jc)
     src_c, src_l = c_idx[np.argmax(Ec != 0, axis=0)], l_idx[np.argmax(El != 0, axis=0)]  # each free parameter's own
@@ -486,6 +475,69 @@ def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redsh
     out["params_err"][rows[:, None], np.flatnonzero(line_params)[None, :]] = np.where(keep_nan[:, line_params], np.nan, err[:, line_params])
     out["quality"] &= ~(Quality.BROAD_LINE_UNDETECTED | Quality.NARROW_LINE_UNDETECTED)
     line_fluxes(out, model, options)
+    if not (refine or joint):
+        return
+    if joint:
+        # continuum and detected lines together, from here; what the staged fit did not
+        # detect, left on a bound or undefined is held (M: every free parameter of both parts)
+        M = np.zeros((n_params, Ec.shape[1] + El.shape[1]))
+        M[c_idx, : Ec.shape[1]], M[l_idx, Ec.shape[1] :] = Ec, El
+        src = np.argmax(M != 0, axis=0)
+        parts_at = [(stage.model, c_idx, compiled_c), (stage.lines, l_idx, compiled_l)]
+        hold = (_at_bound(parts_at, p_all, options) | _undetected_line_params(out, model)[rows] | np.isnan(out["params_err"][rows]))[:, src]
+        hold[:, : Ec.shape[1]] |= undefined
+        J = np.concatenate([Jc, Jl], axis=1)
+        hold |= ~np.any(J != 0, axis=2)
+
+        def both(p):
+            return _evaluate(compiled_c, wl_rows, p[:, c_idx], group) + _evaluate(compiled_l, wl_rows, p[:, l_idx], group)
+
+        value = cont + lines
+        for _ in range(joint):
+            p_all, value, objective = _gauss_newton_step(both, p_all, M, model.params.lower, model.params.upper, value, objective, J, data,
+                                                         inv_var, usable, options, hold)
+    # the reported fit is the refined one: its objective and plain chi-square
+    residual = data - (value if joint else cont + lines)
+    out["chi2"][rows] += _chi2(residual, inv_var, usable) - chi2_before
+    update_redchi2(out, rows)
+    # in the lines' objective's own scale: LM's 2 sum(rho) (sum of r^2 for a chi-square),
+    # or the mean of rho of adam/lbfgs
+    change = objective - before
+    if compiled_l.objective_is_mean:
+        change = change / (2.0 if options.loss_kind == "logcosh" else 1.0) / np.maximum(usable.sum(axis=1), 1)
+    out["loss"][rows] += change
+    moved = [(stage.model, c_idx, compiled_c)] + ([(stage.lines, l_idx, compiled_l)] if joint else [])
+    idx = np.concatenate([m[1] for m in moved])
+    out["params"][rows[:, None], idx[None, :]] = p_all[:, idx] * np.where(flux_mask[idx][None, :], scale[:, None], 1.0)
+    out["at_bound"][rows[:, None], idx[None, :]] = _at_bound(moved, p_all, options)[:, idx]
+    if joint:  # the lines moved: their fluxes and detections again
+        out["quality"] &= ~(Quality.BROAD_LINE_UNDETECTED | Quality.NARROW_LINE_UNDETECTED)
+        line_fluxes(out, model, options)
+
+
+def _at_bound(parts, params, options) -> np.ndarray:
+    """(n, params) mask: the free parameters of each ``(part, its columns, its compiled
+    program)`` in ``parts`` that ``params`` puts on a bound (``pinned``); False elsewhere."""
+    mask = np.zeros(params.shape, dtype=bool)
+    for part, idx, compiled in parts:
+        lower, upper = (np.broadcast_to(b, params[:, idx].shape) for b in (part.params.lower, part.params.upper))
+        mask[:, idx] = pinned(params[:, idx], compiled, lower, upper, options.pinned_tolerance)
+    return mask
+
+
+def _undetected_line_params(out, model) -> np.ndarray:
+    """(n, params) mask: the parameters of every component of a line ``out["line_detected"]``
+    says is not detected."""
+    names = model.param_names
+    meta = model.metadata.get("lines", {})
+    mask = np.zeros((len(out["status"]), len(names)), dtype=bool)
+    if "line_detected" not in out:  # a model without lines
+        return mask
+    for k, line in enumerate(model_lines(model)):
+        components = (meta.get(line) or {}).get("components", [line])
+        own = np.array([any(n.startswith(c + "_") for c in components) for n in names])
+        mask |= (~out["line_detected"][:, k])[:, None] & own[None, :]
+    return mask
 
 
 def _value_and_jacobian(compiled, wavelength, params, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -523,19 +575,21 @@ def _chi2(residual, inv_var, usable) -> np.ndarray:
     return np.sum(np.where(usable, inv_var * residual**2, 0.0), axis=1)
 
 
-def _refine_step(compiled, part, p, E, value, objective, J, target, inv_var, usable, options, wavelength, group, hold):
-    """One projected Gauss-Newton step of ``part`` (the continuum) towards ``target`` (the
-    spectra minus the lines) over the usable pixels, with the IRLS weights of the robust loss.
-    Free parameters in ``hold`` (n, free) do not move; one whose step would leave its range is
-    set on the bound and the others re-solved (up to four rounds); the step is kept only where
-    it lowers the objective (``objective``: its value at ``p``). Returns the new parameters
-    (n, params), the model there (n, pix) and its objective (n,)."""
+def _gauss_newton_step(evaluate, p, E, lower, upper, value, objective, J, target, inv_var, usable, options, hold):
+    """One projected Gauss-Newton step of the parameters ``p`` (n, params) towards ``target``
+    over the usable pixels, with the IRLS weights of the robust loss; ``evaluate(p)`` gives the
+    model (n, pix), ``value`` its value at ``p``, ``J`` its Jacobian in the free parameters
+    (``E``: params x free), ``lower``/``upper`` the parameters' bounds. Free parameters in
+    ``hold`` (n, free) do not move; one whose step would leave its range is set on the bound
+    and the others re-solved (up to four rounds); the step is kept only where it lowers the
+    objective (``objective``: its value at ``p``). Returns the new parameters, the model there
+    and its objective."""
     resid = np.where(usable, target - value, 0.0)
     weight = _irls_weights(resid, inv_var, options)
     H = np.einsum("nip,np,njp->nij", J, weight, J, optimize=True)
     g = np.einsum("nip,np,np->ni", J, weight, resid, optimize=True)
     src = np.argmax(E != 0, axis=0)  # each free parameter's own
-    lower, upper = part.params.lower[src], part.params.upper[src]
+    lower, upper = np.asarray(lower), np.asarray(upper)
     x = p[:, src]
     eye = np.eye(H.shape[1])
     held = np.asarray(hold, dtype=bool).copy()
@@ -551,13 +605,13 @@ def _refine_step(compiled, part, p, E, value, objective, J, target, inv_var, usa
             except np.linalg.LinAlgError:  # a singular row: no step anywhere in this chunk
                 return p, value, objective
         moved = x + delta
-        leaves = ((moved < lower) | (moved > upper)) & ~held
+        leaves = ((moved < lower[src]) | (moved > upper[src])) & ~held
         if not leaves.any():
             break
-        held_step = np.where(leaves, np.clip(moved, lower, upper) - x, held_step)
+        held_step = np.where(leaves, np.clip(moved, lower[src], upper[src]) - x, held_step)
         held |= leaves
-    trial = np.clip(p + delta @ E.T, part.params.lower, part.params.upper)
-    trial_value = _evaluate(compiled, wavelength, trial, group)
+    trial = np.clip(p + delta @ E.T, lower, upper)
+    trial_value = evaluate(trial)
     trial_objective = _objective(target - trial_value, inv_var, usable, options)
     better = trial_objective < objective
     return np.where(better[:, None], trial, p), np.where(better[:, None], trial_value, value), np.where(better, trial_objective, objective)

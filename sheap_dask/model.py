@@ -369,6 +369,16 @@ class ContinuumStage:
         windows' fit; with steps, that fit skips its batched restarts: the steps move what it
         left on a bound). The windows leave the starlight/power-law split of a host poorly
         constrained; the window between them (the lines subtracted) carries the rest of it.
+    joint_steps : int
+        With ``lines``: after the refinement and the error propagation, this many projected
+        Gauss-Newton steps of the continuum and the detected lines together over the whole
+        window (the staged solution's Jacobian serves every step), each kept only where it
+        lowers the objective (default 0). They take up the correlation between the starlight
+        and the lines that the two stages leave out. Lines the staged fit did not detect, and
+        parameters it left on a bound or undefined, are held: the steps polish what the staged
+        fit found and cannot switch on a broad line it did not find. The errors stay the staged
+        fit's (with the continuum's uncertainty propagated), which the joint steps can only
+        shrink, so they err on the large side.
 
     The chunk layer fits ``model`` on ``windows`` (batched, with restarts, absorber
     rejection and the fallback like any fit), then the lines on the window with the continuum
@@ -377,17 +387,20 @@ class ContinuumStage:
     the second (Shen et al. 2011, ApJS 194, 45; Wu & Shen 2022, ApJS 263, 42).
     """
 
-    def __init__(self, model: Model, windows: Sequence[tuple[float, float]], *, lines: Model | None = None, refine_steps: int = 0):
+    def __init__(self, model: Model, windows: Sequence[tuple[float, float]], *, lines: Model | None = None, refine_steps: int = 0,
+                 joint_steps: int = 0):
         for arg, value in (("model", model), ("lines", lines)):
             if value is not None and not isinstance(value, Model):
                 raise ModelError(f"ContinuumStage({arg}=...) must be a sheap_dask.Model, got {type(value).__name__}.")
         self.model = model
         self.lines = lines
-        if not isinstance(refine_steps, (int, np.integer)) or isinstance(refine_steps, bool) or refine_steps < 0:
-            raise ModelError(f"ContinuumStage(refine_steps={refine_steps!r}) must be an integer >= 0.")
-        if refine_steps and lines is None:
-            raise ModelError("ContinuumStage(refine_steps=...) needs lines=...: the refinement holds the lines found.")
+        for arg, steps in (("refine_steps", refine_steps), ("joint_steps", joint_steps)):
+            if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
+                raise ModelError(f"ContinuumStage({arg}={steps!r}) must be an integer >= 0.")
+            if steps and lines is None:
+                raise ModelError(f"ContinuumStage({arg}=...) needs lines=...: its steps start from the lines found.")
         self.refine_steps = int(refine_steps)
+        self.joint_steps = int(joint_steps)
         self.windows = _windows(list(windows), "ContinuumStage(windows=...)")
         if not self.windows:
             raise ModelError("ContinuumStage(windows=...) needs at least one (low, high) range.")
@@ -413,15 +426,17 @@ class ContinuumStage:
     def spec(self) -> dict:
         out = {"model": self.model.identity(), "windows": [list(w) for w in self.windows],
                "lines": None if self.lines is None else self.lines.identity()}
-        if getattr(self, "refine_steps", 0):  # absent when 0 (and in stages pickled before it existed)
-            out["refine_steps"] = self.refine_steps
+        for steps in ("refine_steps", "joint_steps"):  # absent when 0 (and in stages pickled before they existed)
+            if getattr(self, steps, 0):
+                out[steps] = getattr(self, steps)
         return out
 
     def describe(self) -> dict:
         out = {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows],
                "lines": None if self.lines is None else self.lines.name}
-        if getattr(self, "refine_steps", 0):
-            out["refine_steps"] = self.refine_steps
+        for steps in ("refine_steps", "joint_steps"):  # absent when 0 (and in stages pickled before they existed)
+            if getattr(self, steps, 0):
+                out[steps] = getattr(self, steps)
         return out
 
     def __repr__(self) -> str:

@@ -438,6 +438,51 @@ def test_refined_continuum_uses_the_whole_window():
         ContinuumStage(stage.model, stage.windows, refine_steps=1)
 
 
+def test_joint_steps_polish_the_detected_lines_with_the_continuum():
+    """continuum="refined" ends with Gauss-Newton steps of the continuum and the detected lines
+    together: each spectrum's objective only goes down, the host fraction comes closer to the
+    truth than without the steps, and a broad line the staged fit did not detect stays where
+    the staged fit left it (the steps cannot switch on a broad line)."""
+    from sheap_dask.chunk import ChunkOptions, fit_chunk
+    from sheap_dask.model import ContinuumStage
+    from sheap_dask.models.regions import JOINT_STEPS
+    from sheap_dask.outcome import model_lines
+
+    joint = sd.models.region("hbeta", host=True)
+    stage = joint.continuum_stage
+    assert stage.joint_steps == JOINT_STEPS > 0
+    assert sd.models.region("hbeta", host=True, continuum="windows").continuum_stage.joint_steps == 0
+    staged = sd.models.region("hbeta", host=True)
+    staged.continuum_stage = ContinuumStage(stage.model, stage.windows, lines=stage.lines, refine_steps=stage.refine_steps)
+    assert staged.identity() != joint.identity() and stage.spec()["joint_steps"] == JOINT_STEPS
+    ds = sd.synthetic.synthetic_spectra_numpy(200, seed=11, host=True, model=joint, masked_fraction=0.0, n_all_nan=0)
+    wl, ivar = ds["wavelength"], ds["ivar"].astype(np.float64)
+    truth = ds["true_params"].copy()
+    # the last 40 without broad H-beta: the staged fit finds none there
+    no_broad = np.arange(len(truth)) >= 160
+    truth[np.ix_(no_broad, [joint.param_names.index(n) for n in ("hbeta_broad1_flux", "hbeta_broad2_flux")])] = 0.0
+    rng = np.random.default_rng(0)
+    flux = joint.evaluate(wl, truth) + rng.normal(size=ivar.shape) / np.sqrt(ivar)
+    opts = ChunkOptions(absorber_iterations=0)
+    outs = {name: fit_chunk(m, wl, flux, ivar, options=opts) for name, m in (("staged", staged), ("joint", joint))}
+    assert np.all(outs["joint"]["loss"] <= outs["staged"]["loss"] * (1 + 1e-6) + 1e-9)
+    moved = np.any(outs["joint"]["params"] != outs["staged"]["params"], axis=1)
+    assert moved[~no_broad].mean() > 0.5
+    errors = {name: np.abs(np.asarray(dhost.frac_host_5100(joint, o["params"])[0]) - ds["true_frac_host_5100"])[~no_broad]
+              for name, o in outs.items()}
+    assert np.mean(errors["joint"]) < np.mean(errors["staged"]), {k: np.mean(v) for k, v in errors.items()}
+    broad = [joint.param_names.index(n) for n in joint.param_names if n.startswith("hbeta_broad")]
+    k = list(model_lines(joint)).index("hbeta_broad")
+    undetected = ~outs["staged"]["line_detected"][:, k] & no_broad
+    assert undetected.sum() >= 20
+    np.testing.assert_array_equal(outs["joint"]["params"][undetected][:, broad], outs["staged"]["params"][undetected][:, broad])
+    assert not outs["joint"]["line_detected"][undetected, k].any()
+    with pytest.raises(ModelError, match="joint_steps=-1"):
+        ContinuumStage(stage.model, stage.windows, lines=stage.lines, joint_steps=-1)
+    with pytest.raises(ModelError, match="joint_steps=...\\) needs lines"):
+        ContinuumStage(stage.model, stage.windows, joint_steps=2)
+
+
 def test_refined_fit_leaves_out_the_absorbers_the_lines_masked():
     """A trough the lines' fit masks as an absorber stays out of the continuum's refinement
     and of the reported chi-square (which is the plain chi-square over the other pixels)."""

@@ -58,6 +58,10 @@ AUTO_HOST_MIN_WAVELENGTH = 3500.0
 #: staged fit (on the synthetic host benchmark two reach what a converged whole-window refit of
 #: the continuum reaches; a third changed nothing)
 REFINE_STEPS = 2
+#: ``continuum="refined"``: then Gauss-Newton steps of the continuum and the detected lines
+#: together (``ContinuumStage(joint_steps=...)``). On the synthetic host benchmark, 3600 spectra:
+#: host fraction within 0.1 89.1% -> 90.6%, the cost 1.07x -> 1.21x; eight steps 90.8% at 1.30x
+JOINT_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,9 @@ def region(
         whole window on the spectrum minus the lines found (:data:`REFINE_STEPS` projected
         Gauss-Newton steps, lines held, each kept only where it lowers the objective; the
         errors stay the staged fit's): with a host, the window between the line-free ones
-        constrains the starlight/power-law split the windows leave loose. ``"joint"``: everything in one fit over the window.
+        constrains the starlight/power-law split the windows leave loose; then
+        :data:`JOINT_STEPS` such steps of the continuum and the detected lines together (lines
+        the staged fit did not detect held). ``"joint"``: everything in one fit over the window.
     host : {"auto", True, False}
         Host-galaxy starlight (:func:`sheap_dask.models.host_component`: non-negative
         weights of galaxy templates, a stellar dispersion and shift; parameters
@@ -366,7 +372,9 @@ def region(
     )
     model.initializer = make_initializer(model, spec, win)
     if continuum in ("windows", "refined"):
-        model.continuum_stage = _continuum_stage(model, comps, spec, win, refine_steps=REFINE_STEPS if continuum == "refined" else 0)
+        refined = continuum == "refined"
+        model.continuum_stage = _continuum_stage(model, comps, spec, win, refine_steps=REFINE_STEPS if refined else 0,
+                                                 joint_steps=JOINT_STEPS if refined else 0)
     # A built-in region is what its arguments and the package version say it is; templates
     # count by content (two template arrays give two identities).
     model.declared_identity = {
@@ -389,7 +397,7 @@ def _inside(windows, win):
     return [(max(lo, win[0]), min(hi, win[1])) for lo, hi in windows if min(hi, win[1]) > max(lo, win[0])]
 
 
-def _continuum_stage(model, comps, spec: RegionSpec, win, refine_steps: int = 0):
+def _continuum_stage(model, comps, spec: RegionSpec, win, refine_steps: int = 0, joint_steps: int = 0):
     """The region's continuum (power law, host, FeII, Balmer continuum) alone, fitted first on the
     line-free windows; its initial values are the region initializer's."""
     from ..model import ContinuumStage
@@ -412,7 +420,7 @@ def _continuum_stage(model, comps, spec: RegionSpec, win, refine_steps: int = 0)
     for part in (cont, lines):
         idx = np.array([model.param_names.index(n) for n in part.param_names])
         part.initializer = _columns_of(full_initializer, idx)
-    return ContinuumStage(cont, windows, lines=lines, refine_steps=refine_steps)
+    return ContinuumStage(cont, windows, lines=lines, refine_steps=refine_steps, joint_steps=joint_steps)
 
 
 def _columns_of(initializer, idx):
