@@ -377,7 +377,9 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
 
 def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
                                 rejected=None) -> None:
-    """Add the continuum's uncertainty to the lines' errors of a staged fit (in place).
+    """Finish a staged fit with a lines model (in place): the continuum's refinement over the
+    whole window (``stage.refine_steps``), the continuum's uncertainty added to the lines'
+    errors, then the continuum and the detected lines stepped together (``stage.joint_steps``).
 
     The lines were fitted with the continuum held at the first stage's values, so their
     covariance ``P_l`` says nothing of how they would move with the continuum. Linearised

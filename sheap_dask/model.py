@@ -426,18 +426,19 @@ class ContinuumStage:
     def spec(self) -> dict:
         out = {"model": self.model.identity(), "windows": [list(w) for w in self.windows],
                "lines": None if self.lines is None else self.lines.identity()}
-        for steps in ("refine_steps", "joint_steps"):  # absent when 0 (and in stages pickled before they existed)
-            if getattr(self, steps, 0):
-                out[steps] = getattr(self, steps)
+        out.update(self._steps())
         return out
 
     def describe(self) -> dict:
         out = {"model": self.model.name, "params": self.model.param_names, "windows": [list(w) for w in self.windows],
                "lines": None if self.lines is None else self.lines.name}
-        for steps in ("refine_steps", "joint_steps"):  # absent when 0 (and in stages pickled before they existed)
-            if getattr(self, steps, 0):
-                out[steps] = getattr(self, steps)
+        out.update(self._steps())
         return out
+
+    def _steps(self) -> dict:
+        """The non-zero step counts (absent when 0, and in stages pickled before they existed,
+        so such a stage keeps its identity)."""
+        return {name: getattr(self, name) for name in ("refine_steps", "joint_steps") if getattr(self, name, 0)}
 
     def __repr__(self) -> str:
         return f"ContinuumStage({self.model.name!r}, windows={list(self.windows)})"
