@@ -502,11 +502,6 @@ def test_refined_fit_leaves_out_the_absorbers_the_lines_masked():
 
 
 # -- real spectra (slow) ------------------------------------------------------------------------------------
-GALAXIES = {
-    "0266-51602-0013": "pyqsofit_examples/spec-0266-51602-0013.fits",
-    "0266-51602-0107": "pyqsofit_examples/spec-0266-51602-0107.fits",
-    "0295-51585-0596": "gelato_examples/spec-0295-51585-0596.fits",
-}
 
 
 @pytest.mark.slow
@@ -520,16 +515,16 @@ def test_leave_one_out_templates_fit_the_left_out_galaxy(shared_spectra, tmp_pat
     pytest.importorskip("astropy")
     import dask
 
-    with_populations = _validate_host_script().with_populations
-    files = [str(shared_spectra / f) for f in GALAXIES.values()]
-    ds = sd.io.read_sdss_spectra(files)
+    script = _validate_host_script()
+    galaxies = {name.removeprefix("spec-"): path for name, path in script.GALAXIES.items()}  # as --leave-out names them
+    ds = sd.io.read_sdss_spectra([str(shared_spectra / f) for f in galaxies.values()])
     with dask.config.set(scheduler="synchronous"):  # without the host: one fit of all three
         plain = sd.fit_dataset(ds, sd.models.region("hbeta", oiii_wing=True, host=False), progress=False).compute()
-    for i, name in enumerate(GALAXIES):
+    for i, name in enumerate(galaxies):
         out = tmp_path / f"without_{name}.csv"
         subprocess.run([sys.executable, str(REPO / "scripts" / "build_host_templates.py"), "--spectra", str(shared_spectra),
                         "--out", str(out), "--leave-out", name], check=True, capture_output=True)
-        tmpl = with_populations(out)
+        tmpl = script.with_populations(out)
         assert tmpl.k == 4 and not any(name.replace("-", "_") in n for n in tmpl.names)
         one = ds.isel(spectrum=[i])
         with dask.config.set(scheduler="synchronous"):

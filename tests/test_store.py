@@ -264,12 +264,19 @@ def test_lock_heartbeat_release_and_a_broken_lock(tmp_path):
         with StoreLock(path, purpose="test") as lock:
             first = json.loads((path / LOCK_NAME).read_text())
             assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
-            time.sleep(0.3)
+            # polled, not slept: on a loaded machine the heartbeat thread may wait its turn
+            deadline = time.monotonic() + 20
+            while json.loads((path / LOCK_NAME).read_text())["heartbeat"] <= first["heartbeat"] and time.monotonic() < deadline:
+                time.sleep(0.05)
             assert json.loads((path / LOCK_NAME).read_text())["heartbeat"] > first["heartbeat"]
             with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
                 StoreLock(path).acquire()  # one writer, even in the same process
-            _foreign_lock(path, pid=1, host="other", age=0)  # somebody broke our lock
-            time.sleep(0.3)
+            # somebody broke our lock. A heartbeat that read the file just before overwrites it just
+            # after (a lock is only broken once its heartbeats have stopped, so a live holder does
+            # not meet this): write it again until the holder has noticed
+            while not lock.lost and time.monotonic() < deadline:
+                _foreign_lock(path, pid=1, host="other", age=0)
+                time.sleep(0.3)
             with pytest.raises(StoreLockedError, match="the lock was taken by .*pid 1 on host other"):
                 lock.check()
         assert (path / LOCK_NAME).exists()  # not ours any more: left alone
