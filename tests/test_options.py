@@ -173,3 +173,20 @@ def test_compilation_cache_keeps_small_programs(tmp_path):
     assert float(run("0", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="5")[1]) == 5.0  # the environment's own choice stays
     out = " ".join(run("-1"))
     assert out.startswith("error") and "compilation_cache_min_seconds='-1'" in out and ">= 0" in out
+
+
+def test_a_process_that_only_derives_quantities_uses_the_compilation_cache(tmp_path):
+    """Derived quantities with errors compile their own programs (model evaluations for plots
+    too); a process that fits nothing (reading a catalogue) keeps them in the cache too."""
+    script = (
+        "import dask, jax, numpy as np, os, sheap_dask as sd\n"
+        "from sheap_dask.derived import lines\n"
+        f"with dask.config.set({{'sheap_dask.worker.compilation_cache': {str(tmp_path)!r}}}):\n"
+        "    m = sd.models.region('hbeta', host=False)\n"
+        "    p = np.asarray(m.params.values, dtype=float)[None]\n"
+        "    lines.fwhm(m, 'hbeta_broad', p, cov=np.diag(np.full(p.shape[1], 1e-4))[None])\n"
+        "print(jax.config.jax_compilation_cache_dir, len(os.listdir(jax.config.jax_compilation_cache_dir)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_PERSISTENT_CACHE") and k != "JAX_COMPILATION_CACHE_DIR"}
+    directory, n_files = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True).stdout.split()
+    assert directory == str(tmp_path) and int(n_files) >= 1

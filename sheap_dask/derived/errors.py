@@ -67,6 +67,10 @@ def _build_compiled(model, build: Builder, key: tuple, n_samples: int, batch_siz
     import jax
     import jax.numpy as jnp
 
+    from ..config import enable_compilation_cache
+
+    enable_compilation_cache()  # a process that only derives quantities (no fit) loads these from disk too
+
     f = build(model, key)
     params_spec = model.params
     names = list(params_spec.names)

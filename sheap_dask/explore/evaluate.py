@@ -175,6 +175,10 @@ def _build_evaluator(model, names: tuple[str, ...] | None):
     import jax
     import jax.numpy as jnp
 
+    from ..config import enable_compilation_cache
+
+    enable_compilation_cache()  # a process that only plots or evaluates (no fit) loads it from disk too
+
     if names is None:
         one = model.func
     else:
