@@ -370,12 +370,12 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
     no_data = out["status"] == Status.NO_DATA
     for name in ("params", "params_err", "params_cov", "loss", "chi2", "redchi2"):
         out[name][no_data] = np.nan
-    _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
+    _finish_staged_fit(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
                                 rejected=out.get(REJECTED_PIXELS))
     return out
 
 
-def _propagate_continuum_errors(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
+def _finish_staged_fit(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
                                 rejected=None) -> None:
     """Finish a staged fit with a lines model (in place): the continuum's refinement over the
     whole window (``stage.refine_steps``), the continuum's uncertainty added to the lines'
