@@ -85,3 +85,19 @@ def test_host_benchmark_calibration_and_fraction():
     assert overconfident["f_errors_defined"] == round(1 - 10 / truth.size, 3)
     assert overconfident["f_within_1_error"] < 0.45
     assert bench_host.fraction(np.array([True] * 90 + [False] * 10)) == (0.9, 0.03)
+
+
+def test_host_benchmark_keeps_mismatched_hosts_out_of_the_record():
+    """A line whose synthetic host is drawn from another template set than the fitted one
+    (``--truth-template``) measures something else than the README's figures: it is printed,
+    and ``--record`` with it is refused before anything is fitted."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_host.py"
+    record = script.parent / "results" / "host.jsonl"
+    before = record.read_text()
+    done = subprocess.run([sys.executable, str(script), "--truth-template", "mastar", "--record"], capture_output=True, text=True)
+    assert done.returncode == 2 and "drop --truth-template to record" in done.stderr
+    assert record.read_text() == before
