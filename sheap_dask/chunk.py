@@ -371,12 +371,12 @@ def _fit_staged(model, wavelength, flux, ivar, redshift, init, options, pad_to, 
     for name in ("params", "params_err", "params_cov", "loss", "chi2", "redchi2"):
         out[name][no_data] = np.nan
     _finish_staged_fit(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
-                                rejected=out.get(REJECTED_PIXELS))
+                       rejected=out.get(REJECTED_PIXELS))
     return out
 
 
 def _finish_staged_fit(out, model, stage, wavelength, flux, ivar, redshift, options, pad_to, penalty_function,
-                                rejected=None) -> None:
+                       rejected=None) -> None:
     """Finish a staged fit with a lines model (in place): the continuum's refinement over the
     whole window (``stage.refine_steps``), the continuum's uncertainty added to the lines'
     errors, then the continuum and the detected lines stepped together (``stage.joint_steps``).
@@ -430,9 +430,9 @@ def _finish_staged_fit(out, model, stage, wavelength, flux, ivar, redshift, opti
     (compiled_c, c_idx, Ec, cont, Jc), (compiled_l, l_idx, El, lines, Jl) = parts["c"], parts["l"]
     objective = before = _objective(data - cont - lines, inv_var, usable, options)
     chi2_before = _chi2(data - cont - lines, inv_var, usable)
+    src_c, src_l = c_idx[np.argmax(Ec != 0, axis=0)], l_idx[np.argmax(El != 0, axis=0)]  # each free parameter's own
     # A parameter the windows' fit left undefined (a host dispersion resting at 0) stays where it is.
-    own = c_idx[np.argmax(Ec != 0, axis=0)]
-    undefined = np.isnan(np.einsum("nii->ni", out["params_cov"][rows][:, own[:, None], own[None, :]]))
+    undefined = np.isnan(np.einsum("nii->ni", out["params_cov"][rows][:, src_c[:, None], src_c[None, :]]))
     # chord steps: the staged fit's Jacobian serves every step (most continuum parameters
     # are linear; each step is kept only where it lowers the objective) and then the lines'
     # error propagation. The continuum keeps the windows' fit's errors: the refined values
@@ -445,7 +445,6 @@ def _finish_staged_fit(out, model, stage, wavelength, flux, ivar, redshift, opti
                                                               options, undefined)
     weight = _irls_weights(data - cont - lines, inv_var, options)
     F_lc = np.einsum("nip,np,njp->nij", Jl, weight, Jc)
-    src_c, src_l = c_idx[np.argmax(Ec != 0, axis=0)], l_idx[np.argmax(El != 0, axis=0)]  # each free parameter's own
     unit = np.where(flux_mask[None, :], scale[:, None], 1.0)
     cov = out["params_cov"][rows] / (unit[:, :, None] * unit[:, None, :])
     P_c = np.nan_to_num(cov[:, src_c[:, None], src_c[None, :]])
@@ -484,7 +483,7 @@ def _finish_staged_fit(out, model, stage, wavelength, flux, ivar, redshift, opti
         # detect, left on a bound or undefined is held (M: every free parameter of both parts)
         M = np.zeros((n_params, Ec.shape[1] + El.shape[1]))
         M[c_idx, : Ec.shape[1]], M[l_idx, Ec.shape[1] :] = Ec, El
-        src = np.argmax(M != 0, axis=0)
+        src = np.concatenate([src_c, src_l])
         parts_at = [(stage.model, c_idx, compiled_c), (stage.lines, l_idx, compiled_l)]
         hold = (_at_bound(parts_at, p_all, options) | _undetected_line_params(out, model)[rows] | np.isnan(out["params_err"][rows]))[:, src]
         hold[:, : Ec.shape[1]] |= undefined
@@ -531,13 +530,12 @@ def _undetected_line_params(out, model) -> np.ndarray:
     """(n, params) mask: the parameters of every component of a line ``out["line_detected"]``
     says is not detected."""
     names = model.param_names
-    meta = model.metadata.get("lines", {})
+    lines, components = (model.metadata.get(key) or {} for key in ("lines", "components"))
     mask = np.zeros((len(out["status"]), len(names)), dtype=bool)
     if "line_detected" not in out:  # a model without lines
         return mask
-    for k, line in enumerate(model_lines(model)):
-        components = (meta.get(line) or {}).get("components", [line])
-        own = np.array([any(n.startswith(c + "_") for c in components) for n in names])
+    for k, line in enumerate(model_lines(model)):  # the columns of line_detected
+        own = np.isin(names, [p for c in (lines.get(line) or {}).get("components", ()) for p in (components.get(c) or {}).get("params", ())])
         mask |= (~out["line_detected"][:, k])[:, None] & own[None, :]
     return mask
 

@@ -188,7 +188,9 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
                    help="host templates: a built-in set (sdss, the default; sdss+ssp, for galaxies among the targets; mastar) "
                         "or a CSV/text file of your own")
     p.add_argument("--continuum", default=None, choices=["windows", "refined", "joint"],
-                   help="continuum from line-free windows first (default), then refined over the window (refined), or joint")
+                   help="windows: the continuum on line-free windows first, then the lines (the default without a host); "
+                        "refined: then the continuum and the detected lines stepped over the whole window (the default with a host); "
+                        "joint: one fit of everything")
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
