@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_show = warnings.showwarning
     if not args.verbose:
         warnings.showwarning = _show_warning
-    previous_term = _terminate_as_interrupt()
+    previous_handlers = _interrupt_quietly()
     try:
         with cli_spelling(FLAGS):
             return args.func(args)
@@ -71,24 +71,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.showwarning = previous_show
-        if previous_term is not None:
-            import signal
+        import signal
 
-            signal.signal(signal.SIGTERM, previous_term)
+        for signum, previous in previous_handlers.items():
+            signal.signal(signum, previous)
 
 
-def _terminate_as_interrupt():
-    """SIGTERM (``kill``, a Kubernetes pod deleted, ``helm upgrade``) stops a command like
-    Ctrl-C: the store's lock is released and the cluster closed on the way out."""
+def _interrupt_quietly() -> dict:
+    """Ctrl-C (SIGINT) and SIGTERM (``kill``, a Kubernetes pod deleted, ``helm upgrade``) stop
+    a command alike: the store's lock is released and the cluster closed on the way out.
+
+    The cluster's loggers are quieted in the handler itself, before the interrupt reaches
+    distributed: its ``sync`` schedules a cancel on the event loop thread as the interrupt
+    passes, and when the interrupt lands before the call has started its future (distributed
+    2026.8) that cancel logs a ``NameError`` traceback, which is not news either. Returns the
+    previous handlers (none outside the main thread, where no handler can be set).
+    """
     import signal
     import threading
 
     def handler(signum, frame):
+        _quiet_shutdown()
         raise KeyboardInterrupt
 
-    if threading.current_thread() is threading.main_thread():
-        return signal.signal(signal.SIGTERM, handler)
-    return None
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    # SIGINT only where Python's own handler is in place (a job started with it ignored stays so)
+    signals = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is signal.default_int_handler else [])
+    return {signum: signal.signal(signum, handler) for signum in signals}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

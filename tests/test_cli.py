@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import xarray as xr
 
 import sheap_dask as sd
+from sheap_dask import cli
 from sheap_dask.cli import main
 
 BIN = Path(sys.executable).parent
@@ -69,3 +74,25 @@ def test_ingest(tmp_path, shared_spectra, capsys):
     assert f"{out}: 3 spectra" in capsys.readouterr().out
     ds = xr.open_zarr(out)
     assert ds.sizes["spectrum"] == 3 and "redshift" in ds.coords
+
+
+def test_an_interrupt_quiets_the_cluster_loggers_before_distributed_sees_it(caplog):
+    # distributed's sync() cancels its call on the event loop thread as the interrupt passes; when
+    # the interrupt lands before the call started, that cancel logs a NameError traceback
+    # (distributed 2026.8) before the CLI's except clause runs: the handler must quiet it first
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    previous = cli._interrupt_quietly()
+    try:
+        assert set(previous) >= {signal.SIGTERM}
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+        logging.getLogger("tornado.application").error("Exception in callback functools.partial(<function sync.<locals>.cancel>)")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    assert not [r for r in caplog.records if r.name.startswith("tornado")]
+    assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]
