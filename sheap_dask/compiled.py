@@ -114,6 +114,9 @@ class CompiledModel:
         # Parameters whose bound is a stationary point of the model (a host dispersion at 0): no restart.
         self.resting_bound_mask = np.isin(self.names, [p for info in components.values() if isinstance(info, Mapping)
                                                        for p in info.get("resting_bounds", [])])
+        # The lines' shifts (not a host's or FeII's): a restart also starts them in the redshift's frame.
+        self.line_shift_mask = np.isin(self.names, [f"{name}_shift" for name, info in components.items()
+                                                    if isinstance(info, Mapping) and info.get("line")])
         # LM through a queue of lanes (see lm_slots in sheap_dask.yaml); restarts reuse it.
         self.slots = int(options.slots or 0) if options.method == "lm" else 0
         extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind, "robust_scale": float(options.robust_scale)}

@@ -59,9 +59,13 @@ def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     ``median * (1 + redchi2_sigma * sqrt(2 / dof))`` or a pinned parameter (other than the
     model's resting bounds, ``metadata["components"][c]["resting_bounds"]``: a host dispersion
     at 0, where the model's derivative vanishes anyway) and a chi-square above the median.
-    Each is re-fitted twice in one batch: with its pinned parameters reset to their initial
-    values, and with the whole components of its pinned parameters reset; the lowest
-    objective of the three fits is kept.
+    Each is re-fitted in one batch from two or three starts: with its pinned parameters reset
+    to their initial values; with the whole components of its pinned parameters reset; and,
+    where the initial lines' shifts are not the model's defaults, from the initial values with
+    every line's shift at its default (the redshift's frame): the initializer takes the narrow
+    lines' shift from a peak, which a blend (narrow H-alpha and [NII] on a broad H-alpha) can
+    put hundreds of km/s off, and the fit from there can end in a poorer minimum. The lowest
+    objective of the fits is kept.
     """
     good = chunk.good
     median = converged_median(out, good)
@@ -79,22 +83,29 @@ def restart_suspects(out, jtwj, compiled, chunk: ChunkArrays, options) -> int:
     for group in compiled.component_groups:
         whole[:, group] |= whole[:, group].any(axis=1, keepdims=True)
     current = out["params"][suspects]
-    k = suspects.size
-    # both starts of every suspect in one batched solve (one pass of the lanes, not two)
-    both = np.concatenate([suspects, suspects])
-    pair = ChunkArrays(**{**chunk.__dict__, "wl": chunk.wl[both] if chunk.wl.ndim == 2 else chunk.wl, "flux": chunk.flux[both],
-                          "errors": chunk.errors[both], "lower": chunk.lower[both], "upper": chunk.upper[both]})
-    trials = np.concatenate([np.where(pinned, chunk.start[suspects], current), np.where(whole, chunk.start[suspects], current)])
-    res = solve(compiled, pair, trials, np.arange(2 * k))
+    start = chunk.start[suspects]
+    trials = [(suspects, np.where(pinned, start, current)), (suspects, np.where(whole, start, current))]
+    in_frame = np.where(compiled.line_shift_mask, np.asarray(compiled.model.params.values, dtype=np.float64), start)
+    moved = np.any(in_frame != start, axis=1)  # otherwise the same start as the first fit
+    if moved.any():
+        trials.append((suspects[moved], in_frame[moved]))
+    # every start of every suspect in one batched solve (one pass of the lanes)
+    rows = np.concatenate([r for r, _ in trials])
+    pair = ChunkArrays(**{**chunk.__dict__, "wl": chunk.wl[rows] if chunk.wl.ndim == 2 else chunk.wl, "flux": chunk.flux[rows],
+                          "errors": chunk.errors[rows], "lower": chunk.lower[rows], "upper": chunk.upper[rows]})
+    res = solve(compiled, pair, np.concatenate([t for _, t in trials]), np.arange(rows.size))
     valid = (res["status"] == Status.CONVERGED) & np.isfinite(res["loss"])
-    for half in (slice(0, k), slice(k, 2 * k)):  # the first start wins a tie, as when run one after the other
-        v = valid[half]
-        win = v & (res["loss"][half] < out["loss"][suspects])
-        i = suspects[win]
+    offset = 0
+    for trial_rows, _ in trials:  # an earlier start wins a tie, as when run one after the other
+        part = slice(offset, offset + trial_rows.size)
+        offset += trial_rows.size
+        v = valid[part]
+        win = v & (res["loss"][part] < out["loss"][trial_rows])
+        i = trial_rows[win]
         for name in ("params", "loss", "chi2"):
-            out[name][i] = res[name][half][win]
-        out["n_iter"][suspects[v]] += res["n_iter"][half][v]
-        jtwj[i] = res["jtwj"][half][win]
+            out[name][i] = res[name][part][win]
+        out["n_iter"][trial_rows[v]] += res["n_iter"][part][v]
+        jtwj[i] = res["jtwj"][part][win]
     update_redchi2(out, suspects)
     return suspects.size
 

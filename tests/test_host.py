@@ -564,6 +564,29 @@ def test_low_luminosity_quasars_report_their_host(shared_spectra):
     assert np.all(agn < total)
 
 
+def test_a_restart_in_the_redshift_frame_leaves_a_blend_s_poorer_minimum(shared_spectra):
+    """spec-0332's H-alpha: the initializer takes the narrow lines' shift from the peak of the
+    narrow H-alpha + [NII] blend on the broad line, ~730 km/s off; from there LM ends with the
+    narrow lines at their width bound, [NII] at 0 and a 2300 km/s "broad" Gaussian doing their
+    work (reduced chi-square 1.27, broad FWHM ~3300 km/s). The restarts' start with every
+    line's shift in the redshift's frame reaches the better minimum."""
+    pytest.importorskip("astropy")
+    import dask
+
+    files = ["gelato_examples/spec-1599-53089-0469.fits", "pyqsofit_examples/spec-0332-52367-0639.fits"]
+    ds = sd.io.read_sdss_spectra([str(shared_spectra / f) for f in files])
+    model = sd.models.region("halpha")
+    fits = {}
+    for restarts in (False, True):
+        with dask.config.set({"scheduler": "synchronous", "sheap_dask.fit.lm_restarts": restarts}):
+            fits[restarts] = sd.fit_dataset(ds, model, progress=False).compute()
+    assert float(fits[False].redchi2.values[1]) > 1.2  # the first fit's minimum is the poorer one
+    assert float(fits[True].redchi2.values[1]) < 0.95
+    fits[True].sheap.use(model=model, spectra=ds)
+    assert 4000.0 < float(fits[True].sheap.fwhm("halpha_broad").values[1]) < 6000.0
+    assert np.all(fits[True].redchi2.values <= fits[False].redchi2.values)
+
+
 def test_ssp_template_broadening_reaches_one_dispersion():
     """scripts/build_ssp_templates.py broadens each pixel from the library's own resolution
     (c / 2.355 R, varying along the spectrum) to one constant sigma_0: an unresolved line
