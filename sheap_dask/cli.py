@@ -107,9 +107,13 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _quiet_shutdown() -> None:
-    """After Ctrl-C: the cluster's closing chatter (tasks cancelled, workers killed) is not news."""
-    for name in ("distributed", "tornado", "asyncio"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    """After Ctrl-C: the cluster's closing chatter (tasks cancelled, workers killed) is not news.
+    Their child loggers too: distributed's logging config gives ``tornado.application`` its own
+    level, which a parent's does not override."""
+    roots = ("distributed", "tornado", "asyncio")
+    for name in [*roots, *list(logging.root.manager.loggerDict)]:
+        if name.split(".")[0] in roots:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -80,7 +80,9 @@ def test_an_interrupt_quiets_the_cluster_loggers_before_distributed_sees_it(capl
     # distributed's sync() cancels its call on the event loop thread as the interrupt passes; when
     # the interrupt lands before the call started, that cancel logs a NameError traceback
     # (distributed 2026.8) before the CLI's except clause runs: the handler must quiet it first
-    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "asyncio")]
+    logging.getLogger("tornado.application").setLevel(logging.ERROR)  # as distributed's logging config sets it
+    loggers = [logging.getLogger(name) for name in ["distributed", "tornado", "asyncio", *logging.root.manager.loggerDict]
+               if name.split(".")[0] in ("distributed", "tornado", "asyncio")]
     levels = [logger.level for logger in loggers]
     previous = cli._interrupt_quietly()
     try:
