@@ -15,10 +15,10 @@ and H-alpha of
 * the three SDSS GALAXY spectra (spec-0266-51602-0013, spec-0266-51602-0107,
   spec-0295-51585-0596)
 
-four times: ``host=False`` (before); with the default ``"sdss"`` galaxies and with
-``"sdss+ssp"`` (for a GALAXY spectrum the galaxies *without* it,
-``scripts/build_host_templates.py --leave-out``, and for ``"sdss+ssp"`` the two populations
-added, :func:`with_populations`: never on the spectrum a template came from); and with the
+four times: ``host=False`` (before); with the default ``"sdss+ssp"`` (galaxies and two
+populations) and with the ``"sdss"`` galaxies alone (for a GALAXY spectrum the galaxies
+*without* it, ``scripts/build_host_templates.py --leave-out``, and for ``"sdss+ssp"`` the two
+populations added, :func:`with_populations`: never on the spectrum a template came from); and with the
 ``"mastar"`` stellar populations, none of which comes from these spectra. Then H-beta of the
 ten SDSS epochs of RM017 (one quasar, whose broad H-beta width is not expected to double from
 one epoch to another) with ``"sdss"`` and ``"sdss+ssp"``: how stable each set's broad width is.
@@ -176,7 +176,7 @@ README = REPO / "README.md"
 BEGIN, END = "<!-- generated:host-table -->", "<!-- /generated:host-table -->"
 LINE_NAMES = {"hbeta": "Hβ", "halpha": "Hα"}
 #: The template sets of the table and the synthetic paragraphs, in order (the default first).
-TEMPLATE_SETS = ("sdss", "sdss+ssp", "mastar")
+TEMPLATE_SETS = ("sdss+ssp", "sdss", "mastar")
 #: The multi-epoch quasar: its SDSS spectra (folder under the spectra directory).
 EPOCHS = "pyqsofit_rm017"
 

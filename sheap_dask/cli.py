@@ -199,8 +199,8 @@ def _add_region_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--balmer", action="store_true", help="mgii: add a Balmer continuum")
     p.add_argument("--host", default=None, choices=["auto", "on", "off"], help="host-galaxy starlight (default auto: on for hbeta and halpha)")
     p.add_argument("--host-template", default=None, metavar="NAME|FILE",
-                   help="host templates: a built-in set (sdss, the default; sdss+ssp, for galaxies among the targets; mastar) "
-                        "or a CSV/text file of your own")
+                   help="host templates: a built-in set (sdss+ssp, the default: three SDSS galaxies and two old populations; "
+                        "sdss, the galaxies alone, cheaper; mastar) or a CSV/text file of your own")
     p.add_argument("--continuum", default=None, choices=["windows", "refined", "joint"],
                    help="windows: the continuum on line-free windows first, then the lines (the default without a host); "
                         "refined: then the continuum and the detected lines stepped over the whole window (the default with a host); "

@@ -61,7 +61,8 @@ def test_readme_host_table_is_the_recorded_validation():
 def test_builtin_templates_provenance_and_normalisation():
     m = mhost.builtin_templates("mastar")  # the MaStar stellar populations
     assert m.name == "mastar" and m.k == 6 and mhost.load_host_template("mastar") is m
-    assert mhost.load_host_template(None) is mhost.sdss_templates() is mhost.builtin_templates()  # the default
+    assert mhost.load_host_template(None) is mhost.builtin_templates("sdss+ssp") is mhost.builtin_templates()  # the default
+    assert mhost.sdss_templates() is mhost.builtin_templates("sdss")
     assert m.names[0] == "A00.100-Z+0.00" and m.names[-1] == "A14.000-Z-1.35"
     lo, hi = m.range
     assert lo < 3710 and hi > 8000
@@ -188,10 +189,10 @@ def test_component_bounds_and_coverage():
         sd.models.host_component(sigma=(100.0, 0.0, 2000.0))
     with pytest.raises(ModelError, match=">= 0 km/s"):
         sd.models.host_component(sigma=(100.0, -10.0, 300.0))
-    with pytest.raises(ModelError, match="covers 3400-8046 A"):
-        sd.models.host_component(window=(2200.0, 3090.0))
+    with pytest.raises(ModelError, match="'sdss' covers 3400-8046 A"):
+        sd.models.host_component(template="sdss", window=(2200.0, 3090.0))
     with pytest.raises(ModelError, match="'sdss\\+ssp' covers 3701-8045 A"):
-        sd.models.host_component(template="sdss+ssp", window=(2200.0, 3090.0))
+        sd.models.host_component(window=(2200.0, 3090.0))  # the default
     with pytest.raises(ModelError, match="covers 3701-8046 A"):
         sd.models.host_component(template="mastar", window=(2200.0, 3090.0))
 
@@ -202,8 +203,8 @@ def test_region_host_rule_and_metadata():
     assert hb.metadata["host"] == ["host"] and ha.metadata["host"] == ["host"]  # "auto": window >= 3500 A
     assert sd.models.region("mgii").metadata["host"] == [] and sd.models.region("civ").metadata["host"] == []
     assert "host" not in hb.metadata["continuum"]  # luminosities and EWs: AGN continuum only
-    assert hb.n_free == 25 and sd.models.region("hbeta", host=False).n_free == 20  # 3 template weights, sigma, shift
-    weights = {f"host_w{k}" for k in range(1, 4)}
+    assert hb.n_free == 27 and sd.models.region("hbeta", host=False).n_free == 20  # 5 template weights, sigma, shift
+    weights = {f"host_w{k}" for k in range(1, 6)}
     assert weights | {"host_sigma", "host_shift"} <= set(hb.continuum_stage.model.param_names)
     assert set(hb.flux_params) >= weights
     assert sd.models.region("hbeta", host_template="mastar").n_free == 28
@@ -212,7 +213,12 @@ def test_region_host_rule_and_metadata():
     assert hb.identity() != sd.models.region("hbeta", host=False).identity()
     assert hb.identity() == sd.models.region("hbeta", host="auto").identity()
     assert sd.models.region("hbeta", window=(3400.0, 5600.0)).metadata["host"] == []  # starts blueward of 3500 A
-    with pytest.raises(ModelError, match="covers 3400-8046"):
+    # "auto" asks a built-in set to cover the window: the default starts at 3701 A, "sdss" at 3400 A
+    assert sd.models.region("hbeta", window=(3600.0, 5600.0)).metadata["host"] == []
+    assert sd.models.region("hbeta", window=(3600.0, 5600.0), host_template="sdss").metadata["host"] == ["host"]
+    with pytest.raises(ModelError, match="'sdss\\+ssp' covers 3701-8045"):
+        sd.models.region("hbeta", window=(3600.0, 5600.0), host=True)
+    with pytest.raises(ModelError, match="covers 3701-8045"):
         sd.models.region("mgii", host=True)
     with pytest.raises(ModelError, match="True, False or 'auto'"):
         sd.models.region("hbeta", host="yes")
@@ -322,7 +328,7 @@ def test_derived_host_fraction_dispersion_luminosity():
     names = m.param_names
     p[names.index("powerlaw_norm")] = 10.0
     p[names.index("powerlaw_index")] = -1.5
-    weights = (3.0, 2.0, 5.0)
+    weights = (3.0, 2.0, 5.0, 1.0, 4.0)
     for k, w in enumerate(weights, start=1):
         p[names.index(f"host_w{k}")] = w
     p[names.index("host_sigma")] = 0.0
@@ -357,7 +363,7 @@ def test_synthetic_host_option():
     plain = sd.synthetic.synthetic_spectra(5, seed=4)
     assert plain.true_params.sizes["param"] == 23 and "true_frac_host_5100" not in plain
     ds = sd.synthetic.synthetic_spectra(5, seed=4, host=True, host_fraction=(0.2, 0.6))
-    assert ds.attrs["host"] == 1 and ds.true_params.sizes["param"] == 28
+    assert ds.attrs["host"] == 1 and ds.true_params.sizes["param"] == 30
     f = ds.true_frac_host_5100.values
     assert np.all((f > 0.15) & (f < 0.65))  # broadening moves it a little off the drawn value
     assert np.all(ds.true_frac_host_4200.values < f)  # starlight is redder than a quasar
@@ -371,7 +377,7 @@ def test_synthetic_host_option():
 
 def test_synthetic_recovery_and_accessor():
     """Host fraction within 0.1 and broad H-beta FWHM within 10% at S/N >= 10 (the issue's
-    target, >= 90%, is measured on 1200 spectra by benchmarks/bench_host.py; 48 spectra here:
+    target, >= 90%, is measured on 3600 spectra by benchmarks/bench_host.py; 48 spectra here:
     one spectrum is 2% and the binomial error at the benchmark's ~88-91% is ~4.5%, so the bar
     is 80%, two such errors below)."""
     import dask

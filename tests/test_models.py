@@ -289,7 +289,7 @@ def test_region_model_under_jit_vmap_and_jacobian():
 
     y = jax.jit(jax.vmap(resid))(raw)
     J = jax.jit(jax.vmap(jax.jacfwd(resid)))(raw)
-    assert y.shape == (3, x.size) and J.shape == (3, x.size, 25)  # 20 + the host's 3 weights, dispersion, shift
+    assert y.shape == (3, x.size) and J.shape == (3, x.size, 27)  # 20 + the host's 5 weights, dispersion, shift
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(J))
     # float32 path
     y32 = jax.jit(m.func)(jnp.asarray(x, jnp.float32), jnp.asarray(m.params.values, jnp.float32))

@@ -23,18 +23,19 @@ Templates (:func:`load_host_template`):
   broadened to one dispersion ``sigma_0`` = 120 km/s (the library's own resolution, no
   stellar motions), 3700-8050 A, shipped as ``sheap_dask/models/data/host_templates_mastar.csv``.
   None of them comes from a spectrum they are tested on.
-* ``"sdss"`` (default): three empirical templates built by ``scripts/build_host_templates.py``
+* ``"sdss"``: three empirical templates built by ``scripts/build_host_templates.py``
   from public SDSS GALAXY spectra (spec-0266-51602-0013, an early-type galaxy;
   spec-0266-51602-0107, star-forming; spec-0295-51585-0596, a type-2 AGN host): rest frame,
   emission lines removed (stellar absorption kept), all broadened to one stellar dispersion
   ``sigma_0`` (239 km/s, SDSS instrumental resolution included), 3400-8050 A, shipped as
   ``sheap_dask/models/data/host_templates.csv`` with its provenance in the header. SDSS data
   are free to use with acknowledgement (see the README).
-* ``"sdss+ssp"``: the three SDSS galaxies and the 3 and 14 Gyr solar MaStar populations,
-  broadened to the galaxies' ``sigma_0`` (:func:`combine_templates`,
+* ``"sdss+ssp"`` (default): the three SDSS galaxies and the 3 and 14 Gyr solar MaStar
+  populations, broadened to the galaxies' ``sigma_0`` (:func:`combine_templates`,
   :data:`BUILTIN_COMBINED`), 3700-8050 A: with the two old populations no GALAXY spectrum gets
   a spurious broad H-beta, which two SDSS galaxies alone left in a third (leave-one-out,
-  ``scripts/validate_host.py``); the README says what it costs.
+  ``scripts/validate_host.py``), and hosts the three galaxies do not span are still
+  recovered; the README says what it costs.
 * your own: ``(wavelength, flux)`` arrays (``flux`` one template (n,) or several (K, n)), a
   text/CSV file (first column the wavelength, one column per template; a header line
   ``# sigma_0_kms = ...`` gives their dispersion), or a :class:`HostTemplate`.
@@ -59,7 +60,7 @@ from ..errors import ModelError
 from .profiles import C_KMS, LogLambdaTemplate
 
 __all__ = ["HostTemplate", "load_host_template", "builtin_templates", "combine_templates", "combined_builtin", "sdss_templates", "host_component",
-           "BUILTIN_TEMPLATE_FILES", "BUILTIN_COMBINED", "BUILTIN_NAMES", "DEFAULT_TEMPLATE", "DEFAULT_TEMPLATE_FILE"]
+           "BUILTIN_TEMPLATE_FILES", "BUILTIN_COMBINED", "BUILTIN_NAMES", "DEFAULT_TEMPLATE"]
 
 #: The built-in template sets by name and the script that builds each file.
 BUILTIN_TEMPLATE_FILES = {
@@ -74,9 +75,8 @@ BUILTIN_COMBINED = {
     "sdss+ssp": (("sdss", None), ("mastar", ("A03.000-Z+0.00", "A14.000-Z+0.00"))),
 }
 BUILTIN_NAMES = [*BUILTIN_TEMPLATE_FILES, *BUILTIN_COMBINED]
-#: The set a host component uses unless told otherwise.
-DEFAULT_TEMPLATE = "sdss"
-DEFAULT_TEMPLATE_FILE = BUILTIN_TEMPLATE_FILES[DEFAULT_TEMPLATE]
+#: The set a host component uses unless told otherwise (README "Which set").
+DEFAULT_TEMPLATE = "sdss+ssp"
 #: Templates are normalised to a flux density of 1 at this rest wavelength (mean over +-20 A).
 NORM_WAVELENGTH = 5100.0
 # Kernel reach allowed by the padding of a restricted grid: 5 sigma + |shift| <= _PAD_KMS.
@@ -477,7 +477,8 @@ def host_component(
     name : str
         Component name; parameters ``{name}_w1 .. {name}_wK``, ``{name}_sigma``, ``{name}_shift``.
     template : "sdss", "mastar", "sdss+ssp", (wavelength, flux) arrays, path, or HostTemplate
-        See :func:`load_host_template` (default :data:`DEFAULT_TEMPLATE`, the three SDSS galaxies).
+        See :func:`load_host_template` (default :data:`DEFAULT_TEMPLATE`, the three SDSS galaxies
+        and two old stellar populations).
     window : (float, float), optional
         Range the model is evaluated on: restricts the template grid (faster) and checks
         that the templates cover it.

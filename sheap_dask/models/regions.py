@@ -274,7 +274,8 @@ def region(
         weights of galaxy templates, a stellar dispersion and shift; parameters
         ``host_w1..host_wK``, ``host_sigma``, ``host_shift``). ``"auto"`` (default): on for
         regions whose window starts at >= :data:`AUTO_HOST_MIN_WAVELENGTH` (3500 A; hbeta and
-        halpha), off for mgii and civ; the non-negative weights then decide per spectrum how
+        halpha) and, for a built-in set, lies within its templates (:func:`host_default`), off
+        for mgii and civ; the non-negative weights then decide per spectrum how
         much starlight there is (zero for a luminous quasar). The host is part of the
         continuum stage: its weights are fitted on the line-free windows with the power law
         and FeII and held fixed while the lines are fitted, so it cannot absorb broad-line
@@ -284,9 +285,9 @@ def region(
     host_template : optional
         Own host templates: ``(wavelength, flux)`` arrays (flux (n,) or (K, n)), a file path
         or a :class:`~sheap_dask.models.host.HostTemplate`, or a built-in set by name
-        (default ``"sdss"``: three SDSS galaxies, 3400-8050 A; ``"mastar"``: six MaStar stellar
-        populations, 3700-8050 A; ``"sdss+ssp"``: the three galaxies and the 3 and 14 Gyr solar
-        MaStar populations, 3700-8050 A).
+        (default ``"sdss+ssp"``: the three SDSS galaxies and the 3 and 14 Gyr solar MaStar
+        populations, 3700-8050 A; ``"sdss"``: the three galaxies alone, 3400-8050 A;
+        ``"mastar"``: six MaStar stellar populations, 3700-8050 A).
 
     Returns
     -------
@@ -324,7 +325,7 @@ def region(
     win = spec.window if window is None else (float(window[0]), float(window[1]))
     if not win[0] < win[1]:
         raise ModelError(f"region({name!r}, window={window!r}): window must be (low, high) in Angstrom with low < high.")
-    with_host = host_default(win) if isinstance(host, str) and host == "auto" else host
+    with_host = host_default(win, host_template) if isinstance(host, str) and host == "auto" else host
     if not isinstance(with_host, (bool, np.bool_)):
         raise ModelError(f"region({name!r}, host={host!r}): choose True, False or 'auto' (on for windows from "
                          f"{AUTO_HOST_MIN_WAVELENGTH:g} A redward).")
@@ -388,9 +389,19 @@ def region(
     return model
 
 
-def host_default(window: tuple[float, float]) -> bool:
-    """The ``host="auto"`` rule: on when the window starts at >= :data:`AUTO_HOST_MIN_WAVELENGTH`."""
-    return float(window[0]) >= AUTO_HOST_MIN_WAVELENGTH
+def host_default(window: tuple[float, float], template=None) -> bool:
+    """The ``host="auto"`` rule: on when the window starts at >= :data:`AUTO_HOST_MIN_WAVELENGTH`
+    and, for a built-in template set (``template`` None: the default), the set covers it (the
+    default starts at 3701 A: a window from 3500-3700 A gets no host rather than an error)."""
+    if float(window[0]) < AUTO_HOST_MIN_WAVELENGTH:
+        return False
+    from .host import BUILTIN_NAMES, DEFAULT_TEMPLATE, builtin_templates
+
+    name = DEFAULT_TEMPLATE if template is None else template
+    if not (isinstance(name, str) and name in BUILTIN_NAMES):
+        return True  # the user's own templates: host_component says if they fall short
+    low, high = builtin_templates(name).range
+    return low <= float(window[0]) and float(window[1]) <= high
 
 
 def _inside(windows, win):
