@@ -275,8 +275,8 @@ def region(
         ``host_w1..host_wK``, ``host_sigma``, ``host_shift``). ``"auto"`` (default): on for
         regions whose window starts at >= :data:`AUTO_HOST_MIN_WAVELENGTH` (3500 A; hbeta and
         halpha) and, for a built-in set, lies within its templates (:func:`host_default`), off
-        for mgii and civ; the non-negative weights then decide per spectrum how
-        much starlight there is (zero for a luminous quasar). The host is part of the
+        for mgii and civ; the non-negative weights then decide per spectrum how much
+        starlight there is (zero for a luminous quasar). The host is part of the
         continuum stage: its weights are fitted on the line-free windows with the power law
         and FeII and held fixed while the lines are fitted, so it cannot absorb broad-line
         flux; then (``continuum="refined"``, the default with a host) the continuum is
