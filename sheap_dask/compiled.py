@@ -115,8 +115,8 @@ class CompiledModel:
         self.resting_bound_mask = np.isin(self.names, [p for info in components.values() if isinstance(info, Mapping)
                                                        for p in info.get("resting_bounds", [])])
         # The lines' shifts (not a host's or FeII's): a restart also starts them in the redshift's frame.
-        self.line_shift_mask = np.isin(self.names, [f"{name}_shift" for name, info in components.items()
-                                                    if isinstance(info, Mapping) and info.get("line")])
+        self.line_shift_mask = np.isin(self.names, [p for info in components.values() if isinstance(info, Mapping) and info.get("line")
+                                                    for p in info.get("params", []) if p.endswith("_shift")])
         # LM through a queue of lanes (see lm_slots in sheap_dask.yaml); restarts reuse it.
         self.slots = int(options.slots or 0) if options.method == "lm" else 0
         extra = {"rtol": options.rtol, "gtol": options.gtol, "loss_kind": options.loss_kind, "robust_scale": float(options.robust_scale)}

@@ -182,6 +182,11 @@ class HostTemplate(LogLambdaTemplate):
         return cls(loglam, f / level[:, None] * lam, name=name, names=names, sigma0=sigma0, sigma_inst=sigma_inst,
                    norm_wavelength=norm_wavelength, provenance=provenance)
 
+    def covers(self, low: float, high: float) -> bool:
+        """Whether the templates cover ``[low, high]`` (rest frame, Angstrom)."""
+        lo, hi = self.range
+        return low >= lo - 1e-6 and high <= hi + 1e-6
+
     def restricted(self, low: float, high: float) -> HostTemplate:
         """The templates on a grid covering ``[low, high]`` plus 6000 km/s on each side.
 
@@ -189,8 +194,8 @@ class HostTemplate(LogLambdaTemplate):
         reaches from the cut ends into ``[low, high]``. Raises when the templates do not
         cover ``[low, high]``.
         """
-        lo, hi = self.range
-        if low < lo - 1e-6 or high > hi + 1e-6:
+        if not self.covers(low, high):
+            lo, hi = self.range
             raise ModelError(
                 f"host template {self.name!r} covers {lo:.0f}-{hi:.0f} A (rest), not the window {low:g}-{high:g} A; pass "
                 "templates that cover the window (template=(wavelength, flux) or a file), or host=False."

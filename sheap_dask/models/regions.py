@@ -400,8 +400,7 @@ def host_default(window: tuple[float, float], template=None) -> bool:
     name = DEFAULT_TEMPLATE if template is None else template
     if not (isinstance(name, str) and name in BUILTIN_NAMES):
         return True  # the user's own templates: host_component says if they fall short
-    low, high = builtin_templates(name).range
-    return low <= float(window[0]) and float(window[1]) <= high
+    return builtin_templates(name).covers(float(window[0]), float(window[1]))
 
 
 def _inside(windows, win):
